@@ -1,0 +1,1 @@
+"""Sub-commands of the ``ex4d`` CLI, one module per area."""
