@@ -1,4 +1,4 @@
-"""The ``ex4d`` command. Each sub-command lives in ``ex4d/commands/<name>.py`` with ``register(sub)``.
+"""The ``ex4d`` command. Each sub-command area lives in ``ex4d/commands/<area>.py`` with ``register(sub)``.
 
 Commands are imported lazily so ``ex4d --help`` and light commands never import torch.
 """
@@ -12,8 +12,14 @@ import warnings
 
 from .errors import Ex4dError
 
-# command name -> module under ex4d.commands (one module may register several commands)
-COMMAND_MODULES = ("recon", "generate", "serve", "addon", "bench")
+
+def _command_modules() -> list[str]:
+    """Every module in ex4d/commands (each registers one or more sub-commands), in name order."""
+    import pkgutil
+
+    from . import commands
+
+    return sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,14 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ex4d", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ex4d {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(f".commands.{name}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith(f"{__package__}.commands"):
-                continue  # command not built yet
-            raise
-        mod.register(sub)
+    for name in _command_modules():
+        importlib.import_module(f".commands.{name}", __package__).register(sub)
     return parser
 
 
