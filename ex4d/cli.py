@@ -25,7 +25,7 @@ def _command_modules() -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="ex4d", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ex4d", description="EX-4D for Blender: new camera moves from a monocular video.")
     parser.add_argument("--version", action="version", version=f"ex4d {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _command_modules():
