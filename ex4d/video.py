@@ -1,0 +1,295 @@
+"""Video in and out (PyAV), fitting frames to a working size, and atomic file writes.
+
+Frames are numpy ``uint8`` arrays of shape (T, H, W, 3), RGB. Everything a user can get wrong (missing,
+empty, corrupt or non-video files) raises :class:`ex4d.errors.VideoError` with a one-line message.
+Writers never leave a half-written file behind: they write to a temporary name beside the target and
+``os.replace`` it into place.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .camera import Intrinsics
+from .errors import InputError, VideoError
+
+FIT_MODES = ("resize", "crop")
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What :func:`probe_video` finds without decoding pixels."""
+
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+    codec: str
+
+
+@dataclass
+class Video:
+    frames: np.ndarray  # (T, H, W, 3) uint8 RGB
+    fps: float
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.frames.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.frames.shape[2])
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _open_video(path: str | os.PathLike):
+    import av
+
+    path = Path(path)
+    if not path.exists():
+        raise VideoError(f"video not found: {path}")
+    if path.is_dir():
+        raise VideoError(f"{path} is a folder, not a video file")
+    if path.stat().st_size == 0:
+        raise VideoError(f"{path}: the file is empty")
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
+        raise VideoError(f"{path}: not a readable video ({_short(e)})") from None
+    try:
+        if not container.streams.video:
+            raise VideoError(f"{path}: the file has no video stream")
+        yield container, container.streams.video[0]
+    finally:
+        container.close()
+
+
+def _short(e: Exception) -> str:
+    """An FFmpeg error as one short line (no file name repeated, no newlines)."""
+    text = getattr(e, "strerror", None) or str(e)
+    return " ".join(str(text).split())[:200]
+
+
+def _stream_fps(stream) -> float:
+    rate = stream.average_rate or stream.base_rate or stream.guessed_rate
+    fps = float(rate) if rate else 0.0
+    if not (math.isfinite(fps) and fps > 0):
+        warnings.warn("the video does not state its frame rate; assuming 30 fps", stacklevel=3)
+        fps = 30.0
+    return fps
+
+
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """Frame count, fps and size. The count comes from the container or, if it does not say, from
+    counting packets (no decoding)."""
+    import av
+
+    with _open_video(path) as (container, stream):
+        count = int(stream.frames or 0)
+        if count <= 0:
+            try:
+                count = sum(1 for p in container.demux(stream) if p.size > 0)
+            except av.FFmpegError as e:
+                raise VideoError(f"{path}: the video is corrupt ({_short(e)})") from None
+        if count <= 0:
+            raise VideoError(f"{path}: the video contains no frames")
+        cc = stream.codec_context
+        if not (cc.width and cc.height):
+            raise VideoError(f"{path}: the video stream has no picture size")
+        return VideoInfo(count, _stream_fps(stream), int(cc.width), int(cc.height), str(cc.name))
+
+
+def read_video(path: str | os.PathLike, max_frames: int | None = None, start: int = 0) -> Video:
+    """Decode frames ``start .. start+max_frames`` (all by default) as RGB uint8."""
+    import av
+
+    if start < 0:
+        raise InputError(f"start frame must be >= 0, got {start}")
+    if max_frames is not None and max_frames < 1:
+        raise InputError(f"number of frames must be >= 1, got {max_frames}")
+    frames: list[np.ndarray] = []
+    with _open_video(path) as (container, stream):
+        fps = _stream_fps(stream)
+        stream.thread_type = "AUTO"
+        index = 0
+        try:
+            for frame in container.decode(stream):
+                if index >= start:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                    if max_frames is not None and len(frames) >= max_frames:
+                        break
+                index += 1
+        except av.FFmpegError as e:
+            raise VideoError(f"{path}: the video is corrupt at frame {index} ({_short(e)})") from None
+    if not frames:
+        if index == 0:
+            raise VideoError(f"{path}: the video contains no decodable frames")
+        raise VideoError(f"{path}: start frame {start} is past the end of the video ({index} frames)")
+    shapes = {f.shape for f in frames}
+    if len(shapes) > 1:
+        raise VideoError(f"{path}: the picture size changes inside the video ({sorted(shapes)[:2]})")
+    return Video(np.stack(frames), fps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fitting to a working size (frames, depth and intrinsics all go through the same box)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FitBox:
+    """Source region (x0, y0, w, h) in source pixels that is scaled to (width, height).
+
+    ``resize`` uses the whole image (the aspect ratio may change, as EX-4D's stretch to 512x512 does);
+    ``crop`` takes the largest centred region with the target's aspect ratio, then scales it.
+    """
+
+    x0: int
+    y0: int
+    w: int
+    h: int
+    width: int
+    height: int
+
+    @property
+    def is_identity(self) -> bool:
+        return self.x0 == 0 and self.y0 == 0 and (self.w, self.h) == (self.width, self.height)
+
+
+def fit_box(src_width: int, src_height: int, width: int, height: int, mode: str = "resize") -> FitBox:
+    if mode not in FIT_MODES:
+        raise InputError(f"unknown fit mode '{mode}' (resize or crop)")
+    if width < 1 or height < 1:
+        raise InputError(f"working size must be positive, got {width}x{height}")
+    if mode == "resize":
+        return FitBox(0, 0, src_width, src_height, width, height)
+    target = width / height
+    if src_width / src_height > target:  # source wider: trim the sides
+        w = min(src_width, max(1, round(src_height * target)))
+        return FitBox((src_width - w) // 2, 0, w, src_height, width, height)
+    h = min(src_height, max(1, round(src_width / target)))
+    return FitBox(0, (src_height - h) // 2, src_width, h, width, height)
+
+
+def apply_fit(images: np.ndarray, box: FitBox, nearest: bool = False) -> np.ndarray:
+    """Crop and scale (T,H,W[,C]) images through ``box``. ``nearest`` keeps values (depth edges)."""
+    import cv2
+
+    images = np.asarray(images)
+    region = images[:, box.y0 : box.y0 + box.h, box.x0 : box.x0 + box.w]
+    if (box.w, box.h) == (box.width, box.height):
+        return np.ascontiguousarray(region)
+    if nearest:
+        interp = cv2.INTER_NEAREST_EXACT  # pixel-centre aligned, unlike INTER_NEAREST
+    elif box.width <= box.w and box.height <= box.h:
+        interp = cv2.INTER_AREA
+    else:
+        interp = cv2.INTER_LINEAR
+    return np.stack([cv2.resize(np.ascontiguousarray(im), (box.width, box.height), interpolation=interp) for im in region])
+
+
+def fit_frames(frames: np.ndarray, width: int, height: int, mode: str = "resize") -> np.ndarray:
+    """Frames (T,H,W,3) brought to ``width`` x ``height`` (see :class:`FitBox`)."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise InputError(f"frames must be (T,H,W,3), got shape {frames.shape}")
+    return apply_fit(frames, fit_box(frames.shape[2], frames.shape[1], width, height, mode))
+
+
+def fit_intrinsics(intrinsics: Intrinsics, width: int, height: int, mode: str = "resize") -> Intrinsics:
+    """The intrinsics matching :func:`fit_frames` on an image of ``intrinsics``' size."""
+    box = fit_box(intrinsics.width, intrinsics.height, width, height, mode)
+    return intrinsics.cropped(box.x0, box.y0, box.w, box.h).resized(width, height)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def _temp_name(path: Path) -> Path:
+    # Same folder (so os.replace is a rename) and same suffix (tools that sniff names stay happy).
+    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success move it into place, on failure delete it."""
+    path = Path(path)
+    tmp = _temp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def even_size(width: int, height: int) -> tuple[int, int]:
+    return width + (width & 1), height + (height & 1)
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: int = 16) -> Path:
+    """Write (T,H,W,3) or (T,H,W) uint8 frames as H.264 yuv420p mp4, atomically.
+
+    yuv420p needs even sizes: odd sizes are padded by repeating the last row/column, with a warning.
+    ``crf`` 16 keeps guides close to lossless; the exact arrays are in the ``render_*.npz`` files anyway.
+    """
+    import av
+
+    path = Path(path)
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = np.repeat(frames[..., None], 3, axis=-1)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+        raise InputError(f"frames to write must be (T,H,W,3) with T >= 1, got shape {frames.shape}")
+    if frames.dtype != np.uint8:
+        raise InputError(f"frames to write must be uint8, got {frames.dtype}")
+    if not (math.isfinite(fps) and fps > 0):
+        raise InputError(f"frame rate must be positive, got {fps}")
+    h, w = frames.shape[1:3]
+    W, H = even_size(w, h)
+    if (W, H) != (w, h):
+        warnings.warn(f"{path.name}: padded {w}x{h} to {W}x{H} (H.264 yuv420p needs even sizes)", stacklevel=2)
+        frames = np.pad(frames, ((0, 0), (0, H - h), (0, W - w), (0, 0)), mode="edge")
+    rate = Fraction(fps).limit_denominator(1001)
+    with atomic_path(path) as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=rate)
+            stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+            stream.options = {"crf": str(crf), "preset": "medium"}
+            for im in frames:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(im), format="rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    return path
+
+
+def write_npz_atomic(path: str | os.PathLike, compress: bool = True, **arrays) -> Path:
+    """``np.savez(_compressed)`` through a temporary file (no '.npz' is appended to the name)."""
+    path = Path(path)
+    save = np.savez_compressed if compress else np.savez
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            save(f, **arrays)
+    return path
