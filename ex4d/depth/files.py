@@ -1,0 +1,278 @@
+"""Depth from files: ``.npz``/``.npy`` arrays, 16-bit PNG sequences and OpenEXR Z passes (Blender's).
+
+Depth here is always **z-depth along the optical axis** (not the length of the ray), positive, in scene
+units; the world of a shot is measured in these units (docs/architecture.md).
+
+* ``.npz``: ``depth`` float (T,H,W) (or (H,W) for one frame), optional ``K`` 3x3 in pixels of the
+  depth maps' size. ``.npy``: the depth array alone.
+* 16-bit PNG sequence: a folder of ``*.png`` (sorted by name) or a glob such as ``depth/*.png``.
+  depth = PNG value x ``scale`` (default 1/1000: millimetres -> metres, as most depth cameras and
+  datasets store them). 0 is "no depth" in those files and is refused like any other invalid value.
+* OpenEXR (optional ``openexr`` package): one file or a sequence (folder / glob of ``*.exr``). The
+  channel is Blender's Z pass (``<ViewLayer>.Depth.Z``, ``Depth.Z`` or ``Z``), else ``depth``/``D``, else
+  the only channel. Values are used as they are (scale 1 unless ``scale`` is given).
+
+:func:`check_depth` validates against the video (frame count, aspect ratio, finite, positive) and
+:func:`fit_depth` brings depth to the working size exactly as :func:`ex4d.video.fit_frames` does for the
+frames, with nearest-neighbour sampling so depth edges never blend into floating in-between values.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DepthError, InputError
+
+PNG_DEFAULT_SCALE = 1.0 / 1000.0
+_EXR_CHANNEL_PREFERENCE = ("depth.z", "z", "depth", "d")
+
+
+@dataclass
+class DepthData:
+    depth: np.ndarray  # (T, H, W) float32, z-depth
+    K: np.ndarray | None  # 3x3 pixels, for an image of `size`, or None when the file has none
+    size: tuple[int, int]  # (width, height) of the depth maps as stored
+    source: str = ""
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.depth.shape[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def load_depth(path: str | os.PathLike, scale: float | None = None) -> DepthData:
+    """Load depth from ``path`` (a file, a folder of images, or a glob). ``scale`` multiplies the stored
+    values (PNG: units per step, default 1/1000; EXR and arrays: default 1)."""
+    if scale is not None and not (np.isfinite(scale) and scale > 0):
+        raise InputError(f"--depth-scale must be a positive number, got {scale}")
+    text = str(path)
+    if any(c in text for c in "*?["):
+        files = sorted(Path(p) for p in globlib.glob(text))
+        if not files:
+            raise DepthError(f"no depth files match {text}")
+        return _load_sequence(files, text, scale)
+    p = Path(path)
+    if not p.exists():
+        raise DepthError(f"depth file not found: {p}")
+    if p.is_dir():
+        files = sorted(q for q in p.iterdir() if q.suffix.lower() in (".png", ".exr") and not q.name.startswith("."))
+        if not files:
+            raise DepthError(f"{p}: the folder has no .png or .exr depth images")
+        return _load_sequence(files, str(p), scale)
+    suffix = p.suffix.lower()
+    if suffix == ".npz":
+        return _load_npz(p, scale)
+    if suffix == ".npy":
+        return _with_scale(DepthData(_as_depth_array(_np_load(p), p), None, (0, 0), str(p)), scale)
+    if suffix in (".png", ".exr"):
+        return _load_sequence([p], str(p), scale)
+    raise DepthError(f"{p}: unknown depth format '{p.suffix}' (use .npz, .npy, a 16-bit PNG sequence or OpenEXR)")
+
+
+def _np_load(p: Path):
+    try:
+        return np.load(p, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DepthError(f"{p}: not a readable numpy file ({' '.join(str(e).split())[:160]})") from None
+
+
+def _as_depth_array(a, p: Path) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim == 4 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim != 3:
+        raise DepthError(f"{p}: depth must be (T,H,W) (or (H,W) for one frame), got shape {a.shape}")
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+        raise DepthError(f"{p}: depth must be numeric, got dtype {a.dtype}")
+    if 0 in a.shape:
+        raise DepthError(f"{p}: depth is empty (shape {a.shape})")
+    return a.astype(np.float32, copy=False)
+
+
+def _with_scale(data: DepthData, scale: float | None, default: float = 1.0) -> DepthData:
+    s = default if scale is None else float(scale)
+    if s != 1.0:
+        data.depth = (data.depth.astype(np.float64) * s).astype(np.float32)
+    if data.size == (0, 0):
+        data.size = (int(data.depth.shape[2]), int(data.depth.shape[1]))
+    return data
+
+
+def _load_npz(p: Path, scale: float | None) -> DepthData:
+    z = _np_load(p)
+    with z:
+        keys = list(z.keys())
+        if "depth" not in keys:
+            raise DepthError(f"{p}: no 'depth' array in the file (found: {', '.join(keys) or 'nothing'})")
+        depth = _as_depth_array(z["depth"], p)
+        K = None
+        if "K" in keys:
+            K = np.asarray(z["K"], dtype=np.float64)
+            if K.shape == (1, 3, 3) or (K.ndim == 3 and K.shape[1:] == (3, 3) and np.allclose(K, K[:1])):
+                K = K[0]
+            if K.shape != (3, 3):
+                raise DepthError(f"{p}: 'K' must be a 3x3 intrinsics matrix, got shape {K.shape}")
+            if not (np.isfinite(K).all() and K[0, 0] > 0 and K[1, 1] > 0):
+                raise DepthError(f"{p}: 'K' must hold finite, positive focal lengths")
+    return _with_scale(DepthData(depth, K, (int(depth.shape[2]), int(depth.shape[1])), str(p)), scale)
+
+
+def _load_sequence(files: list[Path], source: str, scale: float | None) -> DepthData:
+    kinds = {f.suffix.lower() for f in files}
+    if len(kinds) > 1:
+        raise DepthError(f"{source}: mixes {' and '.join(sorted(kinds))} files; use one format per sequence")
+    kind = kinds.pop()
+    if kind == ".png":
+        maps = [_read_png16(f) for f in files]
+        default = PNG_DEFAULT_SCALE
+    elif kind == ".exr":
+        maps = [_read_exr_depth(f) for f in files]
+        default = 1.0
+    else:
+        raise DepthError(f"{source}: unknown depth image format '{kind}' (16-bit .png or .exr)")
+    shapes = {m.shape for m in maps}
+    if len(shapes) > 1:
+        raise DepthError(f"{source}: depth images have different sizes ({', '.join(f'{w}x{h}' for h, w in sorted(shapes))})")
+    depth = np.stack(maps).astype(np.float32)
+    return _with_scale(DepthData(depth, None, (0, 0), source), scale, default)
+
+
+def _read_png16(f: Path) -> np.ndarray:
+    import cv2
+
+    im = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+    if im is None:
+        raise DepthError(f"{f}: not a readable PNG")
+    if im.ndim == 3:
+        if im.shape[2] == 1 or (np.array_equal(im[..., 0], im[..., 1]) and np.array_equal(im[..., 0], im[..., 2])):
+            im = im[..., 0]
+        else:
+            raise DepthError(f"{f}: a depth PNG must have one channel (grey), this one has {im.shape[2]}")
+    if im.dtype != np.uint16:
+        raise DepthError(f"{f}: depth PNGs must be 16-bit (this one is {im.dtype}; 8 bits give only 256 depth steps)")
+    return im
+
+
+def _read_exr_depth(f: Path) -> np.ndarray:
+    try:
+        import OpenEXR
+    except ImportError:
+        raise DepthError(
+            f"{f}: reading OpenEXR needs the 'openexr' package (pip install openexr), or save depth as .npz"
+        ) from None
+    try:
+        with OpenEXR.File(str(f), separate_channels=True) as exr:
+            channels = {name: ch.pixels for name, ch in exr.channels().items()}
+    except Exception as e:  # the bindings raise plain RuntimeError/OSError on bad files
+        raise DepthError(f"{f}: not a readable OpenEXR file ({' '.join(str(e).split())[:160]})") from None
+    name = pick_exr_depth_channel(list(channels))
+    if name is None:
+        raise DepthError(
+            f"{f}: no depth channel (found: {', '.join(sorted(channels))}); enable the Z pass in Blender's "
+            "View Layer properties and save as OpenEXR (MultiLayer)"
+        )
+    a = np.asarray(channels[name])
+    if a.ndim != 2:
+        raise DepthError(f"{f}: channel {name} is not a single-channel image (shape {a.shape})")
+    return a.astype(np.float32)
+
+
+def pick_exr_depth_channel(names: list[str]) -> str | None:
+    """Blender names its Z pass ``<ViewLayer>.Depth.Z`` (multilayer) or ``Z``; tools vary otherwise."""
+    lowered = {n.lower(): n for n in names}
+    for want in _EXR_CHANNEL_PREFERENCE:
+        hits = [orig for low, orig in lowered.items() if low == want or low.endswith("." + want)]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            return sorted(hits)[0]
+    if len(names) == 1:
+        return names[0]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation and fitting
+# --------------------------------------------------------------------------------------------------
+
+
+def check_depth(
+    depth: np.ndarray,
+    num_frames: int,
+    size: tuple[int, int],
+    source: str = "depth",
+    allow_longer: bool = False,
+) -> np.ndarray:
+    """Check ``depth`` against a video of ``num_frames`` frames of ``size`` = (height, width).
+
+    The depth may have another resolution with the same aspect ratio (it is resized later). With
+    ``allow_longer`` (the user cut the video with --frames) extra depth frames are dropped. Every
+    value must be finite and > 0. Returns float32 (num_frames, h, w).
+    """
+    depth = np.asarray(depth)
+    if depth.ndim != 3:
+        raise DepthError(f"{source}: depth must be (T,H,W), got shape {depth.shape}")
+    T, h, w = depth.shape
+    H, W = size
+    if T < num_frames or (T > num_frames and not allow_longer):
+        raise DepthError(
+            f"{source}: depth has {T} frame{'s' * (T != 1)} but the video has {num_frames}; "
+            "give one depth map per video frame"
+        )
+    if abs((w / h) / (W / H) - 1.0) > 0.01:
+        raise DepthError(
+            f"{source}: depth is {w}x{h} (aspect {w / h:.3f}) but the video is {W}x{H} (aspect {W / H:.3f}); "
+            "the depth maps must cover the same picture"
+        )
+    depth = depth[:num_frames].astype(np.float32, copy=False)
+    finite = np.isfinite(depth)
+    if not finite.all():
+        t = int(np.argmax(~finite.all(axis=(1, 2))))
+        raise DepthError(f"{source}: {int((~finite).sum())} depth values are NaN or infinite (first in frame {t})")
+    bad = depth <= 0
+    if bad.any():
+        t = int(np.argmax(bad.any(axis=(1, 2))))
+        raise DepthError(
+            f"{source}: {int(bad.sum())} depth values are zero or negative (first in frame {t}); depth must be "
+            "positive z-depth - fill holes (or pass disparity through 1/x) before use"
+        )
+    return depth
+
+
+def fit_depth(depth: np.ndarray, video_size: tuple[int, int], width: int, height: int, mode: str = "resize") -> np.ndarray:
+    """Bring (T,h,w) depth to the working size the way the video's frames are brought there.
+
+    ``video_size`` = (width, height) of the source video. Depth at another resolution (same aspect) is
+    first mapped onto the video's pixel grid, then cropped/resized through the same box.
+    """
+    from ..video import apply_fit, fit_box
+
+    vw, vh = video_size
+    T, h, w = depth.shape
+    box = fit_box(vw, vh, width, height, mode)
+    if (w, h) != (vw, vh):
+        # The same box expressed in the depth's own pixels, rounded to whole pixels.
+        sx, sy = w / vw, h / vh
+        x0, y0 = round(box.x0 * sx), round(box.y0 * sy)
+        box = type(box)(x0, y0, max(1, min(w - x0, round(box.w * sx))), max(1, min(h - y0, round(box.h * sy))), width, height)
+    return apply_fit(depth, box, nearest=True).astype(np.float32, copy=False)
+
+
+def depth_K_at_video_size(data: DepthData, video_size: tuple[int, int]) -> np.ndarray | None:
+    """The depth file's K rescaled to the video's pixels (it refers to the depth maps' size)."""
+    if data.K is None:
+        return None
+    vw, vh = video_size
+    w, h = data.size
+    return np.diag([vw / w, vh / h, 1.0]) @ data.K

@@ -1,0 +1,231 @@
+"""The geometry half of a shot: depth -> DW-mesh -> guides along a camera path -> files.
+
+Used by the ``ex4d recon``/``ex4d run`` commands (through :mod:`ex4d.pipeline`) and by the backend.
+Inputs are arrays (frames, depth, intrinsics, a CameraPath); nothing here reads user files.
+
+Output files for a path called ``<name>`` (docs/architecture.md):
+
+* ``color_<name>.mp4`` - the colour guide, ``mask_<name>.mp4`` - 255 where source content is valid,
+* ``render_<name>.npz`` - ``color`` uint8 (T,H,W,3) and ``mask`` bool (T,H,W), lossless,
+* ``cameras_<name>.json`` - the path as transforms.json (one camera per video frame).
+
+Writes go through :func:`staged_output`: files are written into a hidden folder inside the output
+folder and moved into place only when all of them are complete, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .camera import CameraPath, Intrinsics, write_transforms
+from .errors import Cancelled, InputError
+
+MESH_METHODS = ("ours", "ex4d", "torn")
+RENDERERS = ("auto", "torch", "nvdiffrast")
+
+Progress = Callable[..., None]
+
+
+def _check_cancel(cancel) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled")
+
+
+# --------------------------------------------------------------------------------------------------
+# Compute
+# --------------------------------------------------------------------------------------------------
+
+
+def mesh_config(method: str = "ours", **overrides):
+    """The DW-mesh settings for ``--mesh-method``: ``ours`` (the project's default), ``ex4d`` (the
+    release's recipe) or ``torn`` (the release's ablation: invalid faces deleted)."""
+    from . import dwmesh
+
+    if method not in MESH_METHODS:
+        raise InputError(f"unknown mesh method '{method}' (choose {', '.join(MESH_METHODS)})")
+    return dwmesh.DWMeshConfig.for_method(method, **overrides)
+
+
+def reconstruct(
+    frames: np.ndarray,
+    depth: np.ndarray,
+    intrinsics: Intrinsics,
+    config=None,
+    *,
+    method: str = "ours",
+    device=None,
+    progress: Progress | None = None,
+    cancel=None,
+):
+    """Build the shot's DW-mesh from z-depth (T,H,W) seen through ``intrinsics`` (working size).
+
+    ``frames`` (T,H,W,3) uint8 are only checked here (the mesh's UVs point into them; the renderer
+    colours from them). ``config`` defaults to :func:`mesh_config` of ``method``.
+    """
+    import torch
+
+    from .dwmesh import build_dwmesh
+
+    frames, depth = np.asarray(frames), np.asarray(depth)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise InputError(f"frames must be uint8 (T,H,W,3), got {frames.dtype} {frames.shape}")
+    if depth.shape != frames.shape[:3]:
+        raise InputError(f"depth {depth.shape} does not match the frames {frames.shape[:3]}")
+    if (intrinsics.width, intrinsics.height) != (frames.shape[2], frames.shape[1]):
+        raise InputError(
+            f"intrinsics are for {intrinsics.width}x{intrinsics.height} but the frames are {frames.shape[2]}x{frames.shape[1]}"
+        )
+    _check_cancel(cancel)
+    if config is None:
+        config = mesh_config(method)
+    if progress:
+        progress("mesh", 0, 1)
+    depth_t = torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))
+    if device is not None:
+        depth_t = depth_t.to(device)
+    mesh = build_dwmesh(depth_t, intrinsics.K, config)
+    if progress:
+        progress("mesh", 1, 1)
+    _check_cancel(cancel)
+    return mesh
+
+
+def render_path(
+    mesh,
+    frames: np.ndarray,
+    path: CameraPath,
+    *,
+    rasterizer: str = "auto",
+    device=None,
+    progress: Progress | None = None,
+    cancel=None,
+):
+    """Render the colour guide and validity mask along ``path`` (one camera per video frame)."""
+    from .render import render_guides
+
+    if rasterizer not in RENDERERS:
+        raise InputError(f"unknown renderer '{rasterizer}' (choose {', '.join(RENDERERS)})")
+    T, H, W = np.asarray(frames).shape[:3]
+    path = check_path_for_video(path, T, W, H)
+    _check_cancel(cancel)
+
+    def forward(stage, step, total, preview=None):
+        _check_cancel(cancel)
+        if progress:
+            progress(stage, step, total, preview)
+
+    guides = render_guides(mesh, frames, path, rasterizer=rasterizer, device=device, progress=forward)
+    check_guides(guides, T, H, W)
+    return guides
+
+
+def check_path_for_video(path: CameraPath, num_frames: int, width: int, height: int) -> CameraPath:
+    """One camera per video frame, at the working size. Longer paths are cut; shorter ones refused."""
+    path = path.take(num_frames)  # raises CameraFileError when the path is too short
+    if (path.width, path.height) != (width, height):
+        path = path.resized(width, height)
+    return path
+
+
+def check_guides(guides, num_frames: int, height: int, width: int) -> None:
+    color, mask = np.asarray(guides.color), np.asarray(guides.mask)
+    if color.shape != (num_frames, height, width, 3) or color.dtype != np.uint8:
+        raise InputError(f"guide colour must be uint8 {(num_frames, height, width, 3)}, got {color.dtype} {color.shape}")
+    if mask.shape != (num_frames, height, width) or mask.dtype != np.bool_:
+        raise InputError(f"guide mask must be bool {(num_frames, height, width)}, got {mask.dtype} {mask.shape}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    """Shot names become parts of file names: keep them plain."""
+    if not _NAME_OK.match(name or ""):
+        raise InputError(f"shot name '{name}' must be 1-64 letters, digits, '_', '-', '.', '+' (no folders)")
+    return name
+
+
+@contextmanager
+def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """A hidden folder inside ``out_dir`` to write into; its files move into ``out_dir`` when the block
+    ends without error, and it is removed either way. A newly made ``out_dir`` that stays empty after a
+    failure is removed too."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} exists and is not a folder")
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the output folder {out_dir} ({e.strerror})") from None
+    stage = out_dir / f".ex4d-partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    try:
+        yield stage
+        for item in sorted(stage.iterdir()):
+            os.replace(item, out_dir / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and out_dir.exists() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+
+
+def guide_file_names(name: str) -> dict[str, str]:
+    return {
+        "color": f"color_{name}.mp4",
+        "mask": f"mask_{name}.mp4",
+        "render": f"render_{name}.npz",
+        "cameras": f"cameras_{name}.json",
+    }
+
+
+def _write_guide_files(folder: Path, name: str, guides, path: CameraPath, fps: float) -> dict[str, Path]:
+    from .video import write_npz_atomic, write_video
+
+    names = guide_file_names(name)
+    color, mask = np.asarray(guides.color), np.asarray(guides.mask)
+    files = {k: folder / v for k, v in names.items()}
+    write_video(files["color"], color, fps)
+    write_video(files["mask"], mask.astype(np.uint8) * 255, fps)
+    write_npz_atomic(files["render"], color=color, mask=mask)
+    write_transforms(path, files["cameras"])
+    return files
+
+
+def write_guides(out_dir: str | os.PathLike, name: str, guides, path: CameraPath, fps: float) -> dict[str, Path]:
+    """Write the four guide files for ``name`` into ``out_dir`` (all or nothing). Returns their paths."""
+    check_name(name)
+    T, H, W = np.asarray(guides.mask).shape
+    check_guides(guides, T, H, W)
+    if len(path) != T:
+        raise InputError(f"camera path has {len(path)} frames but the guides have {T}")
+    with staged_output(out_dir) as stage:
+        _write_guide_files(stage, name, guides, path, fps)
+    return {k: Path(out_dir) / v for k, v in guide_file_names(name).items()}
+
+
+def write_mesh_files(folder: str | os.PathLike, name: str, mesh, frames: np.ndarray) -> dict[str, Path]:
+    """The DW-mesh of the whole shot (``dwmesh_<name>.npz``) and frame 0 as a coloured PLY
+    (``dwmesh_<name>_frame0.ply``), each written atomically."""
+    from . import dwmesh
+    from .video import atomic_path
+
+    folder = Path(folder)
+    files = {"mesh": folder / f"dwmesh_{name}.npz", "ply": folder / f"dwmesh_{name}_frame0.ply"}
+    with atomic_path(files["mesh"]) as tmp:
+        dwmesh.save_npz(mesh, tmp)
+    with atomic_path(files["ply"]) as tmp:
+        dwmesh.save_ply(mesh, tmp, frame=0, colors=np.asarray(frames[0]))
+    return files
