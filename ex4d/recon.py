@@ -147,13 +147,13 @@ def check_guides(guides, num_frames: int, height: int, width: int) -> None:
 # Files
 # --------------------------------------------------------------------------------------------------
 
-_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+_NAME_OK = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,63}$")
 
 
 def check_name(name: str) -> str:
     """Shot names become parts of file names: keep them plain."""
     if not _NAME_OK.match(name or ""):
-        raise InputError(f"shot name '{name}' must be 1-64 letters, digits, '_', '-', '.', '+' (no folders)")
+        raise InputError(f"shot name '{name}' must be 1-64 letters, digits, '_', '-', '+' or '.' (not first); no folders")
     return name
 
 

@@ -1,0 +1,162 @@
+"""``ex4d recon`` (video + depth -> DW-mesh guides) and ``ex4d run`` (recon + generation).
+
+Only parsers are built at import time; the work (and torch) is imported inside the command functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+PRESET_HELP = (
+    "camera move: orbit_left/right/up/down, zoom_in/out, dolly_left/right, crane_up/down, "
+    "or EX-4D's arcs 30 60 90 -30 -60 -90 180 (default orbit_right)"
+)
+
+
+def register(sub) -> None:
+    recon = sub.add_parser(
+        "recon",
+        help="video + depth -> DW-mesh guide renders along a camera move",
+        description="Reconstruct a DW-mesh from a video and its depth, and render the colour guide and "
+        "validity mask along a camera move (files: color_/mask_<name>.mp4, render_<name>.npz, cameras_<name>.json).",
+    )
+    add_recon_arguments(recon)
+    recon.set_defaults(func=cmd_recon)
+
+    run = sub.add_parser(
+        "run",
+        help="recon + generation: video + depth -> a new camera move (shot_<name>.mp4)",
+        description="Reconstruct, render the guides and fill them with a generator, writing the guides and "
+        "shot_<name>.mp4.",
+    )
+    add_recon_arguments(run)
+    gen = run.add_argument_group("generation")
+    gen.add_argument("--generator", default="draft", help="draft (classical fill, CPU), ex4d (Wan2.1-I2V-14B + EX-4D adapter) or tiny (test model); default draft")
+    gen.add_argument("--models", metavar="DIR", help="folder with the model weights (laid out as the public releases)")
+    gen.add_argument("--memory-mode", choices=("resident", "offload", "fp8"), help="how the ex4d generator uses GPU memory")
+    gen.add_argument("--prompt", help="text prompt (default: EX-4D's)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument("--steps", type=int, help="denoising steps (default: the generator's)")
+    run.set_defaults(func=cmd_run)
+
+
+def add_recon_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("video", help="input video (mp4, mov, ...)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--name", help="name used in the output files (default: the preset or the trajectory's name)")
+
+    d = p.add_argument_group("depth")
+    d.add_argument("--depth", metavar="FILE", help=".npz with 'depth' (T,H,W) z-depth [+ 'K'], a folder/glob of 16-bit PNGs, or OpenEXR Z passes")
+    d.add_argument("--depth-scale", type=float, metavar="S", help="units per stored step (16-bit PNG default 0.001 = mm -> m; others 1)")
+    d.add_argument("--depth-model", metavar="NAME", help="estimate depth with this model instead of --depth")
+    d.add_argument("--depth-weights", metavar="DIR", help="folder with the depth model's weights")
+
+    c = p.add_argument_group("camera")
+    cam = c.add_mutually_exclusive_group()
+    cam.add_argument("--cam", metavar="PRESET", help=PRESET_HELP)
+    cam.add_argument("--trajectory", metavar="JSON", help="camera path as transforms.json, one camera per video frame")
+    c.add_argument("--angle", type=float, metavar="DEG", help="orbit angle for orbit_* presets (default 30, at most 90)")
+    c.add_argument("--distance", type=float, help="move length for zoom/dolly/crane presets (default: a share of the pivot depth)")
+    c.add_argument("--pivot", choices=("median", "ex4d"), default="median", help="orbit pivot: median depth of frame 0 (default) or EX-4D's min depth + 0.15")
+    f = c.add_mutually_exclusive_group()
+    f.add_argument("--focal", type=float, metavar="PX", help="source focal length in pixels of the input video")
+    f.add_argument("--fov", type=float, metavar="DEG", help="source horizontal field of view in degrees")
+
+    w = p.add_argument_group("working size")
+    w.add_argument("--frames", type=int, metavar="N", help="use the first N frames (default: all)")
+    w.add_argument("--size", metavar="WxH", help="working size, even numbers (default: the video's, rounded to even)")
+    w.add_argument("--fit", choices=("resize", "crop"), default="resize", help="how to reach --size: stretch (EX-4D's way) or centre-crop then scale")
+
+    g = p.add_argument_group("geometry")
+    g.add_argument("--renderer", choices=("auto", "torch", "nvdiffrast"), default="auto", help="rasterizer (default auto: nvdiffrast on CUDA if installed, else torch)")
+    g.add_argument("--mesh-method", choices=("ours", "ex4d", "torn"), default="ours", help="DW-mesh recipe: ours, the release's (ex4d), or its torn-mesh ablation")
+    g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--save-mesh", action="store_true", help="also write the DW-mesh (npz) and frame 0 as PLY")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+class TqdmProgress:
+    """``progress(stage, step, total, preview=None)`` shown as one tqdm bar per stage."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.stage = None
+        self.bar = None
+
+    def __call__(self, stage: str, step: int, total: int, preview=None) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=max(int(total), 1), desc=f"{stage:>10}", unit="step", leave=True, file=sys.stderr, dynamic_ncols=True)
+        if self.bar.total != total and total > 0:
+            self.bar.total = total
+        self.bar.n = int(step)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _device(name: str | None) -> str:
+    if name:
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _recon_or_run(args, generate: bool) -> int:
+    from ..pipeline import load_shot_inputs, make_camera_path, parse_size, run_shot, write_shot
+    from ..recon import check_name
+
+    size = parse_size(args.size)
+    if args.name is not None:
+        check_name(args.name)
+    progress = TqdmProgress(enabled=not args.quiet)
+    try:
+        inputs = load_shot_inputs(
+            args.video, depth=args.depth, depth_scale=args.depth_scale, depth_model=args.depth_model,
+            depth_weights=args.depth_weights, num_frames=args.frames, size=size, fit=args.fit,
+            focal=args.focal, fov=args.fov, device=args.device, progress=progress,
+        )
+        path = make_camera_path(
+            inputs.num_frames, inputs.intrinsics, inputs.depth[0], cam=args.cam, trajectory=args.trajectory,
+            angle=args.angle, pivot=args.pivot, distance=args.distance,
+        )
+        name = check_name(args.name or path.name)
+        device = _device(args.device)
+        result = run_shot(
+            inputs.frames, inputs.depth, inputs.intrinsics, path, mesh_method=args.mesh_method,
+            renderer=args.renderer, device=device,
+            generator=args.generator if generate else None,
+            models_dir=getattr(args, "models", None), memory_mode=getattr(args, "memory_mode", None),
+            prompt=getattr(args, "prompt", None), seed=getattr(args, "seed", 0), steps=getattr(args, "steps", None),
+            progress=progress,
+        )
+        files = write_shot(args.out, name, result, inputs.fps, frames=inputs.frames, save_mesh=args.save_mesh, progress=progress)
+    finally:
+        progress.close()
+    W, H = inputs.size
+    valid = float(result.guides.mask.mean())
+    print(
+        f"{inputs.num_frames} frames at {W}x{H}, {inputs.fps:g} fps; intrinsics: {inputs.intrinsics_source} "
+        f"(fx {inputs.intrinsics.fx:.1f} px); camera '{path.name}'; {valid:.1%} of guide pixels valid"
+    )
+    for f in files:
+        print(f"wrote {f}")
+    return 0
+
+
+def cmd_recon(args) -> int:
+    return _recon_or_run(args, generate=False)
+
+
+def cmd_run(args) -> int:
+    return _recon_or_run(args, generate=True)
