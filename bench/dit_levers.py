@@ -1,0 +1,329 @@
+"""Per-lever speed, drift and memory of the Wan2.1-I2V-14B DiT at EX-4D's shape (512x512x49, CFG 5).
+
+Builds the full I2V-14B DiT with random bf16 weights directly on the GPU (no downloads) and measures one
+classifier-free-guided denoising step (the noise prediction nega + 5 (posi - nega)) for a cumulative chain
+of levers, each against the untouched diffsynth reference (two passes, default SDPA, float64 RoPE):
+
+  ref -> +cudnn_attention -> +fused_rope -> +cfg_batch -> +compile -> +fp8 (= ours)
+
+plus fp8 without compile, and memory modes: bf16 with block offload under a 24 GB cap, fp8 resident under
+24 GB, fp8 + offload under 16 GB. Each phase is wrapped in try/except and the JSON report is rewritten after
+every phase, so a failure or a time-out still leaves the earlier numbers.
+
+    python bench/dit_levers.py --out $OUT/dit_levers.json            # H100, ~6 minutes
+    python bench/dit_levers.py --tiny --device cpu --out /tmp/x.json   # logic check, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from ex4d.generate import accel, offload  # noqa: E402
+
+I2V_14B = dict(dim=5120, in_dim=36, ffn_dim=13824, out_dim=16, text_dim=4096, freq_dim=256, eps=1e-6,
+               patch_size=(1, 2, 2), num_heads=40, num_layers=40, has_image_input=True)
+TINY = dict(I2V_14B, dim=256, ffn_dim=512, num_heads=2, num_layers=3)
+GiB = 1024**3
+
+
+def build_dit(cfg, device, dtype, seed=0):
+    from diffsynth.models.wan_video_dit import WanModel
+
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            dit = WanModel(**cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return dit.eval().requires_grad_(False)
+
+
+def make_inputs(cfg, device, dtype, frames, height, width, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    t_lat, h_lat, w_lat = (frames - 1) // 4 + 1, height // 8, width // 8
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    return dict(
+        latents=r(1, 16, t_lat, h_lat, w_lat),
+        y=r(1, cfg["in_dim"] - 16, t_lat, h_lat, w_lat),
+        clip_feature=r(1, 257, 1280),
+        context_posi=r(1, 512, cfg["text_dim"]),
+        context_nega=r(1, 512, cfg["text_dim"]),
+    )
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.cuda = self.device.type == "cuda"
+        self.report = {"config": {}, "phases": {}, "notes": []}
+        self.t0 = time.time()
+
+    def save(self):
+        tmp = self.args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.report, f, indent=1)
+        os.replace(tmp, self.args.out)
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time_fn(self, fn, reps):
+        """Median seconds of ``fn`` over ``reps`` runs after one warm-up (CUDA events on GPU)."""
+        t = time.perf_counter()
+        out = fn()
+        self.sync()
+        first = time.perf_counter() - t
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        times = []
+        for _ in range(reps):
+            if self.cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                out = fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 1000)
+            else:
+                t = time.perf_counter()
+                out = fn()
+                times.append(time.perf_counter() - t)
+        peak = torch.cuda.max_memory_allocated(self.device) / GiB if self.cuda else None
+        reserved = torch.cuda.max_memory_reserved(self.device) / GiB if self.cuda else None
+        return out, dict(step_s=statistics.median(times), step_all_s=times, first_call_s=first,
+                         peak_alloc_gib=peak, peak_reserved_gib=reserved)
+
+
+def cosine(a, b):
+    a, b = a.float().flatten(), b.float().flatten()
+    return float(torch.dot(a, b) / (a.norm() * b.norm()).clamp(min=1e-30))
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "dit_levers.json"))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny DiT (CPU logic check)")
+    p.add_argument("--frames", type=int, default=49)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--cfg-scale", type=float, default=5.0)
+    p.add_argument("--timesteps", default="950,500", help="timesteps at which drift is measured")
+    p.add_argument("--phases", default="all")
+    p.add_argument("--budget-s", type=float, default=540, help="skip remaining phases after this many seconds")
+    p.add_argument("--compile-backend", default="inductor")
+    args = p.parse_args()
+    if args.tiny:
+        args.frames, args.size = min(args.frames, 9), min(args.size, 64)
+    B = Bench(args)
+    cfg = TINY if args.tiny else I2V_14B
+    dtype = torch.bfloat16
+    from diffsynth.pipelines.wan_video import model_fn_wan_video
+
+    t = time.time()
+    dit = build_dit(cfg, B.device, dtype)
+    inputs = make_inputs(cfg, B.device, dtype, args.frames, args.size, args.size)
+    B.sync()
+    tokens = inputs["latents"].shape[2] * inputs["latents"].shape[3] * inputs["latents"].shape[4] // 4
+    B.report["config"] = dict(
+        model="Wan2.1-I2V-14B DiT" if not args.tiny else "tiny", params_b=sum(p.numel() for p in dit.parameters()) / 1e9,
+        frames=args.frames, size=args.size, tokens=tokens, cfg_scale=args.cfg_scale, dtype="bf16",
+        torch=torch.__version__, device=torch.cuda.get_device_name(B.device) if B.cuda else "cpu",
+        build_s=time.time() - t, timesteps=args.timesteps,
+    )
+    print(json.dumps(B.report["config"]), flush=True)
+    timesteps = [torch.tensor([float(s)], dtype=dtype, device=B.device) for s in args.timesteps.split(",")]
+    shared = dict(clip_feature=inputs["clip_feature"], y=inputs["y"])
+
+    def step_fn(batched, ts):
+        def run():
+            with torch.no_grad():
+                return accel.cfg_noise_pred(model_fn_wan_video, dit, latents=inputs["latents"], timestep=ts,
+                                            context_posi=inputs["context_posi"], context_nega=inputs["context_nega"],
+                                            cfg_scale=args.cfg_scale, batched=batched, **shared)
+        return run
+
+    reference: list[torch.Tensor] = []
+    phases = args.phases.split(",") if args.phases != "all" else None
+
+    def phase(name, batched, ctx=None):
+        if phases and name not in phases:
+            return
+        if time.time() - B.t0 > args.budget_s:
+            B.report["phases"][name] = {"skipped": "time budget"}
+            B.save()
+            return
+        print(f"--- {name}", flush=True)
+        try:
+            entry = {}
+            outs = []
+            for i, ts in enumerate(timesteps):
+                fn = step_fn(batched, ts)
+                if ctx is not None:
+                    fn0 = fn
+                    fn = lambda fn0=fn0: _with(ctx, fn0)  # noqa: E731
+                if i == 0:
+                    out, timing = B.time_fn(fn, args.reps)
+                    entry.update(timing)
+                else:
+                    out = fn()
+                outs.append(out.detach().clone())
+            entry["finite"] = all(bool(torch.isfinite(o).all()) for o in outs)
+            if not reference:
+                reference.extend(outs)
+            else:
+                entry["cosine_vs_ref"] = [cosine(o, r) for o, r in zip(outs, reference)]
+                entry["rel_err_vs_ref"] = [rel_err(o, r) for o, r in zip(outs, reference)]
+                ref_s = B.report["phases"]["ref"]["step_s"]
+                entry["speedup_vs_ref"] = ref_s / entry["step_s"]
+            B.report["phases"][name] = entry
+            print(json.dumps({name: {k: v for k, v in entry.items() if k != "step_all_s"}}), flush=True)
+        except Exception as e:  # noqa: BLE001 - record and go on with the next lever
+            B.report["phases"][name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            traceback.print_exc()
+        B.save()
+
+    def _with(ctx_factory, fn):
+        with ctx_factory():
+            return fn()
+
+    def cudnn_ctx():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+
+    # 1. the reference: diffsynth untouched, two CFG passes, default SDPA.
+    phase("ref", batched=False)
+    if "ref" not in B.report["phases"] or "step_s" not in B.report["phases"]["ref"]:
+        B.report["notes"].append("reference failed; stopping")
+        B.save()
+        return
+    if B.cuda:
+        phase("cudnn_attention", batched=False, ctx=cudnn_ctx)
+    # 2. our block forward (real fp32 RoPE) with cuDNN attention, eager.
+    attention = accel.sdpa_cudnn if (B.cuda and accel.cudnn_attention_supported(B.device)[0]) else accel.sdpa_default
+    accel.patch_block_forwards(dit, attention=attention)
+    phase("cudnn+fused_rope", batched=False)
+    phase("cudnn+fused_rope+cfg_batch", batched=True)
+    # 3. regional torch.compile of the block (bf16).
+    compile_ok = B.cuda or args.compile_backend != "inductor"
+    if compile_ok:
+        accel.unpatch_block_forwards(dit)
+        accel.patch_block_forwards(dit, attention=attention, compile_blocks=True, compile_backend=args.compile_backend)
+        phase("cudnn+fused_rope+cfg_batch+compile", batched=True)
+
+    # 4. memory: bf16 weights streamed block-wise under a 24 GB cap.
+    def capped(name, cap_gib, resident_fn):
+        if phases and name not in phases:
+            return
+        if not B.cuda:
+            B.report["phases"][name] = {"skipped": "memory caps need CUDA"}
+            return
+        if time.time() - B.t0 > args.budget_s:
+            B.report["phases"][name] = {"skipped": "time budget"}
+            B.save()
+            return
+        print(f"--- {name}", flush=True)
+        off = None
+        total = torch.cuda.get_device_properties(B.device).total_memory
+        try:
+            torch.cuda.empty_cache()
+            resident = resident_fn()
+            t = time.time()
+            off = offload.BlockOffloader(dit.blocks, B.device, resident=resident) if resident < len(dit.blocks) else None
+            setup_s = time.time() - t
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction(cap_gib * GiB / total, B.device)
+            out, timing = B.time_fn(step_fn(True, timesteps[0]), args.reps)
+            entry = dict(timing, cap_gib=cap_gib, resident_blocks=resident, streamed_blocks=len(dit.blocks) - resident,
+                         offload_setup_s=setup_s, cosine_vs_ref=[cosine(out, reference[0])],
+                         speedup_vs_ref=B.report["phases"]["ref"]["step_s"] / timing["step_s"])
+            B.report["phases"][name] = entry
+            print(json.dumps({name: {k: v for k, v in entry.items() if k != "step_all_s"}}), flush=True)
+        except Exception as e:  # noqa: BLE001
+            B.report["phases"][name] = {"error": f"{type(e).__name__}: {e}"[:2000], "cap_gib": cap_gib}
+            traceback.print_exc()
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, B.device)
+            if off is not None:
+                off.close(restore_to=B.device)
+            torch.cuda.empty_cache()
+        B.save()
+
+    def resident_for(cap_gib, act_phase):
+        def fn():
+            block_bytes = sum(offload.module_bytes(b) for b in dit.blocks)
+            weights = sum(p.numel() * p.element_size() for p in dit.parameters()) + sum(
+                b.numel() * b.element_size() for b in dit.buffers())
+            other = weights - block_bytes
+            act = B.report["phases"].get(act_phase, {}).get("peak_alloc_gib")
+            act_bytes = (act * GiB - weights) if act else 4 * GiB
+            budget = cap_gib * GiB - other - act_bytes - 1.0 * GiB  # 1 GiB margin for workspaces/fragmentation
+            return offload.blocks_that_fit(list(dit.blocks), int(budget))
+        return fn
+
+    compiled_bf16 = "cudnn+fused_rope+cfg_batch+compile"
+    if B.cuda:
+        capped("bf16_offload_24gb", 24 if not args.tiny else 1, resident_for(24 if not args.tiny else 1, compiled_bf16))
+
+    # 5. FP8 linears: eager blocks with compiled quantisation, then everything compiled (= ours).
+    ok, why = accel.fp8_supported(B.device)
+    if ok:
+        accel.unpatch_block_forwards(dit)
+        n = accel.convert_blocks_to_fp8(dit)
+        torch.cuda.empty_cache()
+        B.report["notes"].append(f"fp8: converted {n} linears")
+        accel.patch_block_forwards(dit, attention=attention)
+        phase("cudnn+fused_rope+cfg_batch+fp8(eager, compiled quant)", batched=True)
+        accel.unpatch_block_forwards(dit)
+        accel.patch_block_forwards(dit, attention=attention, compile_blocks=True, compile_backend=args.compile_backend)
+        phase("ours: cudnn+fused_rope+cfg_batch+compile+fp8", batched=True)
+        ours = "ours: cudnn+fused_rope+cfg_batch+compile+fp8"
+        capped("fp8_resident_24gb", 24, lambda: len(dit.blocks))
+        capped("fp8_offload_16gb", 16, resident_for(16, ours))
+        capped("fp8_offload_12gb", 12, resident_for(12, ours))
+    else:
+        B.report["phases"]["fp8"] = {"skipped": why}
+        print(f"notice: fp8 skipped: {why}", flush=True)
+    if B.cuda:
+        try:
+            from torch._dynamo.utils import counters
+
+            B.report["dynamo"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "recompiles", "graph_break")}
+        except Exception:  # noqa: BLE001
+            pass
+    B.report["total_s"] = time.time() - B.t0
+    B.save()
+    rows = [(k, v.get("step_s"), v.get("speedup_vs_ref"), min(v["cosine_vs_ref"]) if "cosine_vs_ref" in v else None,
+             v.get("peak_alloc_gib"), v.get("error", v.get("skipped", ""))[:60] if ("error" in v or "skipped" in v) else "")
+            for k, v in B.report["phases"].items()]
+    print(f"{'phase':52s} {'s/step':>8s} {'x ref':>6s} {'cos':>8s} {'GiB':>6s}")
+    for name, s, x, c, m, err in rows:
+        f = lambda v, fmt: (fmt % v) if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)) else "-"  # noqa: E731
+        print(f"{name:52s} {f(s, '%8.3f')} {f(x, '%6.2f')} {f(c, '%8.5f')} {f(m, '%6.1f')} {err}")
+
+
+if __name__ == "__main__":
+    main()

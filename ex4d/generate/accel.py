@@ -1,0 +1,400 @@
+"""Speed levers for the Wan2.1 DiT (diffsynth 2.1.12) that keep the model's output.
+
+Each lever is applied in place to a ``WanModel`` (or anything with a ``.dit`` attribute) and falls back
+with a notice where the hardware or software cannot run it (CPU, no FP8 matrix units, no cuDNN attention):
+
+``cudnn_attention``  self/cross attention through PyTorch's cuDNN SDPA kernel (measured 1.8x the flash
+                     kernel at EX-4D's 13,312-token shape on an H100).
+``fused_rope``       the block forward re-expressed with real-valued fp32 RoPE instead of diffsynth's
+                     float64 complex RoPE (the same rotation; lets torch.compile fuse it).
+``fp8``              the token-wise linears of every block (self-attn q/k/v/o, cross-attn q/o, both FFN
+                     layers) as FP8 e4m3 weights (per-output-channel scale) x FP8 activations (per-token
+                     scale, quantised in a compiled kernel) through ``torch._scaled_mm``. Needs compute
+                     capability >= 8.9. Also halves the DiT's weight memory.
+``compile``          regional torch.compile of the block forward (one graph shared by all 40 blocks).
+
+``cfg_batch`` (both classifier-free-guidance branches in one batch-2 forward) is not a module change:
+call :func:`cfg_noise_pred` from the sampling loop. It is exactly the two-pass result up to kernel
+reduction order.
+
+Nothing here imports at ``import ex4d`` time; torch is imported by the module itself only.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+ALL_LEVERS = ("cudnn_attention", "fused_rope", "fp8", "compile")
+DEFAULT_LEVERS = ALL_LEVERS
+
+# Linear layers that see the video tokens (their cost scales with the 13k tokens); the cross-attention
+# k/v/k_img/v_img act on 512 text / 257 image tokens and stay in bf16.
+FP8_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.o", "ffn.0", "ffn.2")
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclass
+class LeverReport:
+    applied: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # lever -> why
+
+    def as_dict(self) -> dict:
+        return {"applied": list(self.applied), "skipped": dict(self.skipped)}
+
+
+# --------------------------------------------------------------------------------------------- support
+
+
+def fp8_supported(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Whether FP8 matrix multiplication (torch._scaled_mm with row-wise scales) can run on ``device``."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False, "FP8 needs a CUDA GPU (running on CPU: kept bf16)"
+    if not hasattr(torch, "float8_e4m3fn") or not hasattr(torch, "_scaled_mm"):
+        return False, f"torch {torch.__version__} has no float8 matmul"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return False, f"GPU compute capability {major}.{minor} < 8.9 has no FP8 matrix units"
+    return True, ""
+
+
+def cudnn_attention_supported(device: torch.device | str | None = None) -> tuple[bool, str]:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        return False, "cuDNN attention needs a CUDA GPU (running on CPU: default SDPA)"
+    op = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
+    if op is None:
+        return False, "this torch has no cuDNN SDPA op"
+    try:  # a tiny real call: cuDNN may be missing or refuse this GPU
+        q = torch.randn(1, 2, 64, 128, device=device, dtype=torch.bfloat16)
+        op(q, q, q, None, False, 0.0, False, False)
+    except Exception as e:  # noqa: BLE001 - any failure means "not usable here"
+        return False, f"cuDNN attention failed a probe call: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return True, ""
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+def sdpa_default(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def sdpa_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # Called directly (not through SDPA's backend choice, which prefers flash) so torch.compile keeps it.
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, False, False)[0]
+
+
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    b, s, c = x.shape
+    return x.view(b, s, num_heads, c // num_heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, n, s, d = x.shape
+    return x.transpose(1, 2).reshape(b, s, n * d)
+
+
+# ------------------------------------------------------------------------------------------------ RoPE
+
+
+def rope_cos_sin(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffsynth's complex RoPE table (S, 1, D/2) -> float32 (cos, sin), each (S, 1, D/2)."""
+    return freqs.real.float().contiguous(), freqs.imag.float().contiguous()
+
+
+def rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The rotation diffsynth's ``rope_apply`` does on (re, im) pairs of each head, in fp32 real arithmetic."""
+    b, s, c = x.shape
+    pairs = x.float().view(b, s, num_heads, c // num_heads // 2, 2)
+    re, im = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
+    return out.view(b, s, c).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------- FP8
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) dynamic e4m3 quantisation: returns (x_fp8 (M,K), scale (M,1) float32)."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+_compiled_quantize = None
+
+
+def _quantize(x: torch.Tensor):
+    """Quantisation fused into one kernel by torch.compile (eager quantisation costs more than FP8 saves).
+    Inside an already-compiled region this is simply inlined."""
+    global _compiled_quantize
+    if torch.compiler.is_compiling():
+        return quantize_rows_fp8(x)
+    if _compiled_quantize is None:
+        _compiled_quantize = torch.compile(quantize_rows_fp8, dynamic=True)
+    return _compiled_quantize(x)
+
+
+_BIAS_PROBE: dict = {}
+
+
+def _scaled_mm_takes_bias(device, dtype) -> bool:
+    """Whether this torch/GPU accepts a bias inside row-wise-scaled _scaled_mm (probed once per device)."""
+    key = (str(device), dtype)
+    if key not in _BIAS_PROBE:
+        try:
+            a = torch.ones(16, 32, device=device).to(torch.float8_e4m3fn)
+            b = torch.ones(16, 32, device=device).to(torch.float8_e4m3fn)
+            torch._scaled_mm(a, b.t(), scale_a=torch.ones(16, 1, device=device), scale_b=torch.ones(1, 16, device=device),
+                             bias=torch.zeros(16, device=device, dtype=dtype), out_dtype=dtype)
+            _BIAS_PROBE[key] = True
+        except Exception:  # noqa: BLE001 - fall back to a separate add
+            _BIAS_PROBE[key] = False
+    return _BIAS_PROBE[key]
+
+
+class Fp8Linear(torch.nn.Module):
+    """A frozen nn.Linear with e4m3 weights (per-output-channel scale) and per-token e4m3 activations."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w_scale = (w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX)  # (N,1)
+        w_fp8 = (w.float() / w_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        # _scaled_mm wants the second operand column-major: keep (N,K) row-major and pass its transpose.
+        self.register_buffer("weight_fp8", w_fp8, persistent=False)
+        self.register_buffer("weight_scale", w_scale.view(1, -1).contiguous(), persistent=False)
+        bias = linear.bias.detach().to(w.dtype) if linear.bias is not None else None
+        self.register_buffer("bias", bias, persistent=False)
+        self.out_dtype = w.dtype
+        self.bias_in_matmul = _scaled_mm_takes_bias(w.device, w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        xq, xs = _quantize(x2)
+        fused_bias = self.bias if self.bias_in_matmul else None
+        y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale,
+                             bias=fused_bias, out_dtype=self.out_dtype)
+        if self.bias is not None and fused_bias is None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3"
+
+
+def _merged_linear(module: torch.nn.Module) -> torch.nn.Linear | None:
+    """A plain nn.Linear equal to ``module``: itself, or a peft LoRA wrapper with its adapter merged in."""
+    if isinstance(module, torch.nn.Linear) and not hasattr(module, "base_layer"):
+        return module
+    base = getattr(module, "base_layer", None)
+    if isinstance(base, torch.nn.Linear) and hasattr(module, "merge"):
+        module.merge()  # peft: adds scale * B @ A into the base weight
+        return base
+    return None
+
+
+def _set_submodule(root: torch.nn.Module, dotted: str, new: torch.nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def convert_blocks_to_fp8(dit: torch.nn.Module, names=FP8_LINEARS) -> int:
+    """Replace the token-wise linears of every block by :class:`Fp8Linear` (frees their bf16 weights)."""
+    count = 0
+    for block in dit.blocks:
+        for name in names:
+            try:
+                module = block.get_submodule(name)
+            except AttributeError:
+                continue
+            if isinstance(module, Fp8Linear):
+                continue
+            linear = _merged_linear(module)
+            if linear is None:
+                warnings.warn(f"fp8: {name} is a {type(module).__name__}, left as is")
+                continue
+            _set_submodule(block, name, Fp8Linear(linear))
+            count += 1
+    return count
+
+
+# ----------------------------------------------------------------------------------- the block forward
+
+
+def _self_attention(attn, x, cos, sin, attention):
+    n = attn.num_heads
+    q = rope_real(attn.norm_q(attn.q(x)), cos, sin, n)
+    k = rope_real(attn.norm_k(attn.k(x)), cos, sin, n)
+    v = attn.v(x)
+    out = attention(_heads(q, n), _heads(k, n), _heads(v, n))
+    return attn.o(_merge_heads(out))
+
+
+def _cross_attention(attn, x, context, attention):
+    n = attn.num_heads
+    if attn.has_image_input:
+        img, ctx = context[:, :257], context[:, 257:]
+    else:
+        ctx = context
+    q = _heads(attn.norm_q(attn.q(x)), n)
+    out = attention(q, _heads(attn.norm_k(attn.k(ctx)), n), _heads(attn.v(ctx), n))
+    if attn.has_image_input:
+        out = out + attention(q, _heads(attn.norm_k_img(attn.k_img(img)), n), _heads(attn.v_img(img), n))
+    return attn.o(_merge_heads(out))
+
+
+def block_forward(block, x, context, t_mod, cos, sin, attention=sdpa_default):
+    """diffsynth 2.1.12 ``DiTBlock.forward`` (same modules, same order of operations) with real fp32 RoPE
+    and a chosen attention kernel."""
+    has_seq = t_mod.dim() == 4
+    mod = (block.modulation.to(dtype=t_mod.dtype, device=t_mod.device) + t_mod).chunk(6, dim=2 if has_seq else 1)
+    if has_seq:
+        mod = tuple(m.squeeze(2) for m in mod)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+    h = block.norm1(x) * (1 + scale_msa) + shift_msa
+    x = x + gate_msa * _self_attention(block.self_attn, h, cos, sin, attention)
+    x = x + _cross_attention(block.cross_attn, block.norm3(x), context, attention)
+    h = block.norm2(x) * (1 + scale_mlp) + shift_mlp
+    return x + gate_mlp * block.ffn(h)
+
+
+class _RopeTableCache:
+    """Converts a forward's complex RoPE table once for all 40 blocks (keyed by the tensor object)."""
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+
+    def get(self, freqs):
+        key = (id(freqs), freqs.data_ptr(), tuple(freqs.shape))
+        if key != self._key:
+            self._key, self._value = key, rope_cos_sin(freqs)
+        return self._value
+
+
+def _expected_block(block) -> bool:
+    need = ("self_attn", "cross_attn", "norm1", "norm2", "norm3", "ffn", "modulation")
+    return all(hasattr(block, a) for a in need) and hasattr(block.self_attn, "norm_q")
+
+
+def patch_block_forwards(dit, attention=sdpa_default, compile_blocks: bool = False, compile_mode: str | None = None,
+                         compile_backend: str = "inductor"):
+    """Give every block our forward (same maths, real RoPE, chosen attention); optionally compiled.
+
+    The forward is patched per instance (``block.forward``), so module hooks (e.g. the block offloader's)
+    still run eagerly around it, and one compiled graph serves every block of the same structure.
+    """
+    cache = _RopeTableCache()
+    core = block_forward
+    if compile_blocks:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        core = torch.compile(block_forward, dynamic=False, mode=compile_mode, backend=compile_backend)
+
+    def make(block):
+        def forward(self, x, context, t_mod, freqs):
+            cos, sin = cache.get(freqs)
+            return core(self, x, context, t_mod, cos, sin, attention)
+
+        return types.MethodType(forward, block)
+
+    for block in dit.blocks:
+        if not _expected_block(block):
+            raise TypeError(f"unexpected DiT block layout ({type(block).__name__}); levers need diffsynth 2.1.12's DiTBlock")
+        block.forward = make(block)
+
+
+def unpatch_block_forwards(dit) -> None:
+    for block in dit.blocks:
+        block.__dict__.pop("forward", None)
+
+
+# ----------------------------------------------------------------------------------------------- apply
+
+
+def _dit_of(target):
+    return getattr(target, "dit", None) or target
+
+
+def apply_speed_levers(target, levers=DEFAULT_LEVERS, *, device=None, compile_mode: str | None = None,
+                       notice=warnings.warn) -> LeverReport:
+    """Apply ``levers`` (names from :data:`ALL_LEVERS`) in place to a diffsynth WanModel or a pipeline with
+    ``.dit``. Levers the machine cannot run are skipped with a notice; returns what was applied."""
+    unknown = set(levers) - set(ALL_LEVERS) - {"cfg_batch"}
+    if unknown:
+        raise ValueError(f"unknown speed levers: {sorted(unknown)} (known: {', '.join(ALL_LEVERS)}, cfg_batch)")
+    dit = _dit_of(target)
+    device = torch.device(device) if device is not None else next(dit.parameters()).device
+    report = LeverReport()
+
+    if "fp8" in levers:
+        ok, why = fp8_supported(device)
+        if ok:
+            convert_blocks_to_fp8(dit)
+            report.applied.append("fp8")
+        else:
+            report.skipped["fp8"] = why
+
+    attention = sdpa_default
+    if "cudnn_attention" in levers:
+        ok, why = cudnn_attention_supported(device)
+        if ok:
+            attention = sdpa_cudnn
+            report.applied.append("cudnn_attention")
+        else:
+            report.skipped["cudnn_attention"] = why
+
+    wants_patch = bool({"fused_rope", "compile"} & set(levers)) or attention is not sdpa_default
+    compile_blocks = "compile" in levers
+    if compile_blocks and device.type != "cuda":
+        report.skipped["compile"] = "torch.compile is only used on CUDA (CPU: eager)"
+        compile_blocks = False
+    if wants_patch:
+        patch_block_forwards(dit, attention=attention, compile_blocks=compile_blocks, compile_mode=compile_mode)
+        if "fused_rope" in levers or "compile" in levers:
+            report.applied.append("fused_rope")
+        if compile_blocks:
+            report.applied.append("compile")
+    if "cfg_batch" in levers:
+        report.applied.append("cfg_batch")
+    for lever, why in report.skipped.items():
+        notice(f"speed lever {lever} skipped: {why}")
+    return report
+
+
+# ------------------------------------------------------------------------------------------ CFG batch
+
+
+def cfg_noise_pred(model_fn, dit, *, latents, timestep, context_posi, context_nega, cfg_scale: float,
+                   batched: bool = True, **shared):
+    """Classifier-free-guided noise prediction, ``nega + cfg_scale * (posi - nega)``.
+
+    ``batched`` runs both branches as one batch-2 forward (both contexts must have the same length, as
+    Wan's padded 512-token text embeddings do); otherwise two passes, as the release does. ``shared`` are
+    the keyword arguments both branches share (clip_feature, y, ...), each with batch 1.
+    """
+    if cfg_scale == 1.0:
+        return model_fn(dit=dit, latents=latents, timestep=timestep, context=context_posi, **shared)
+    if batched and context_posi.shape == context_nega.shape:
+        both = {k: (torch.cat([v, v]) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == 1 else v)
+                for k, v in shared.items()}
+        out = model_fn(dit=dit, latents=torch.cat([latents, latents]), timestep=timestep,
+                       context=torch.cat([context_posi, context_nega]), **both)
+        posi, nega = out.chunk(2)
+    else:
+        posi = model_fn(dit=dit, latents=latents, timestep=timestep, context=context_posi, **shared)
+        nega = model_fn(dit=dit, latents=latents, timestep=timestep, context=context_nega, **shared)
+    return nega + cfg_scale * (posi - nega)
