@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny synthetic clip on disk (mp4 + depth.npz with K) and the shared reference data.
+
+The tiny clip is made here with numpy only (no dependency on the scene generator) so every test area
+can use it: a textured background wall at depth 4 and a textured box at depth 2 that slides right by
+one pixel per frame. 64x48 pixels, 6 frames, 24 fps, focal 56 px.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DIR = Path(__file__).parents[1].parent / "shared"
+FLOWER_DIR = SHARED_DIR / "data" / "ex4d-flower"
+
+
+@dataclass
+class TinyClip:
+    video: Path
+    depth_file: Path
+    frames: np.ndarray  # (T,H,W,3) uint8, as written (the mp4 is lossy)
+    depth: np.ndarray  # (T,H,W) float32
+    K: np.ndarray  # 3x3
+    fps: float
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.frames.shape[2]), int(self.frames.shape[1])
+
+
+def make_tiny_scene(num_frames: int = 6, width: int = 64, height: int = 48) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Frames (T,H,W,3) uint8, z-depth (T,H,W) float32 and K (3x3) of a two-layer scene."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    wall = np.stack([(xx * 4) % 256, (yy * 5) % 256, ((xx // 8 + yy // 8) % 2) * 200 + 30], axis=-1)
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    depth = np.full((num_frames, height, width), 4.0, np.float32)
+    for t in range(num_frames):
+        img = wall.copy()
+        x0, y0 = width // 4 + t, height // 4
+        box = (slice(y0, y0 + height // 2), slice(x0, x0 + width // 3))
+        stripes = 60 + 80 * ((xx[box] // 4) % 2)
+        img[box] = np.stack([np.full_like(stripes, 230), stripes, np.full_like(stripes, 40)], axis=-1)
+        depth[t][box] = 2.0
+        frames[t] = img
+    f = 56.0
+    K = np.array([[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]])
+    return frames, depth, K
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> TinyClip:
+    from ex4d.video import write_npz_atomic, write_video
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    frames, depth, K = make_tiny_scene()
+    video = write_video(folder / "video.mp4", frames, 24.0)
+    depth_file = write_npz_atomic(folder / "depth.npz", depth=depth, K=K)
+    return TinyClip(video, depth_file, frames, depth, K, 24.0)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED_DIR.is_dir():
+        pytest.skip(f"shared reference folder {SHARED_DIR} is not there (it sits beside the repository on project machines)")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def flower_dir(shared_dir) -> Path:
+    if not (FLOWER_DIR / "input.mp4").is_file():
+        pytest.skip(f"EX-4D reference clip {FLOWER_DIR}/input.mp4 is not there")
+    return FLOWER_DIR
