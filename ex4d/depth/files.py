@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob as globlib
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def load_depth(path: str | os.PathLike, scale: float | None = None) -> DepthData
 def _np_load(p: Path):
     try:
         return np.load(p, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DepthError(f"{p}: not a readable numpy file ({' '.join(str(e).split())[:160]})") from None
 
 
@@ -115,7 +116,10 @@ def _load_npz(p: Path, scale: float | None) -> DepthData:
         keys = list(z.keys())
         if "depth" not in keys:
             raise DepthError(f"{p}: no 'depth' array in the file (found: {', '.join(keys) or 'nothing'})")
-        depth = _as_depth_array(z["depth"], p)
+        try:
+            depth = _as_depth_array(z["depth"], p)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise DepthError(f"{p}: the 'depth' array cannot be read ({' '.join(str(e).split())[:160]})") from None
         K = None
         if "K" in keys:
             K = np.asarray(z["K"], dtype=np.float64)
