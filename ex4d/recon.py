@@ -51,7 +51,7 @@ def mesh_config(method: str = "ours", **overrides):
 
     if method not in MESH_METHODS:
         raise InputError(f"unknown mesh method '{method}' (choose {', '.join(MESH_METHODS)})")
-    return dwmesh.DWMeshConfig.for_method(method, **overrides)
+    return dwmesh.DWMeshConfig(method=method, **overrides)
 
 
 def reconstruct(
@@ -89,9 +89,7 @@ def reconstruct(
     if progress:
         progress("mesh", 0, 1)
     depth_t = torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))
-    if device is not None:
-        depth_t = depth_t.to(device)
-    mesh = build_dwmesh(depth_t, intrinsics.K, config)
+    mesh = build_dwmesh(depth_t, intrinsics.K, config, device=device)
     if progress:
         progress("mesh", 1, 1)
     _check_cancel(cancel)
@@ -122,7 +120,7 @@ def render_path(
         if progress:
             progress(stage, step, total, preview)
 
-    guides = render_guides(mesh, frames, path, rasterizer=rasterizer, device=device, progress=forward)
+    guides = render_guides(mesh, frames, path, rasterizer=rasterizer, device=device, progress=forward, cancel=cancel)
     check_guides(guides, T, H, W)
     return guides
 
@@ -220,12 +218,9 @@ def write_mesh_files(folder: str | os.PathLike, name: str, mesh, frames: np.ndar
     """The DW-mesh of the whole shot (``dwmesh_<name>.npz``) and frame 0 as a coloured PLY
     (``dwmesh_<name>_frame0.ply``), each written atomically."""
     from . import dwmesh
-    from .video import atomic_path
 
     folder = Path(folder)
     files = {"mesh": folder / f"dwmesh_{name}.npz", "ply": folder / f"dwmesh_{name}_frame0.ply"}
-    with atomic_path(files["mesh"]) as tmp:
-        dwmesh.save_npz(mesh, tmp)
-    with atomic_path(files["ply"]) as tmp:
-        dwmesh.save_ply(mesh, tmp, frame=0, colors=np.asarray(frames[0]))
+    dwmesh.save_npz(mesh, files["mesh"])  # both write atomically themselves
+    dwmesh.save_ply(mesh, files["ply"], frame_rgb=np.asarray(frames[0]), t=0)
     return files

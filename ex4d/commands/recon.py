@@ -89,7 +89,7 @@ class TqdmProgress:
             return
         from tqdm import tqdm
 
-        if stage != self.stage:
+        if stage != self.stage or self.bar is None:
             self.close()
             self.stage = stage
             self.bar = tqdm(total=max(int(total), 1), desc=f"{stage:>10}", unit="step", leave=True, file=sys.stderr, dynamic_ncols=True)
@@ -97,6 +97,9 @@ class TqdmProgress:
             self.bar.total = total
         self.bar.n = int(step)
         self.bar.refresh()
+        if step >= total:  # close now so the bar's time is the stage's own
+            self.close()
+            self.stage = stage
 
     def close(self) -> None:
         if self.bar is not None:
