@@ -287,7 +287,7 @@ class Client:
                             on_progress(ev)
                     elif ev.type == "result":
                         if release:
-                            self._send("fetch", job_id, release=True)
+                            self.release(job_id)
                         return Result(_params(ev.header), ev.arrays, job_id)
                     elif ev.type == "error":
                         raise _error_for(ev.header.get("code", "error"), ev.header.get("message", ""), job_id)
@@ -320,12 +320,16 @@ class Client:
         ev = self._request(lambda e: e.job_id == job_id and e.type in ("result", "status", "error"), timeout_s, "fetch")
         if ev.type == "result":
             if release:
-                self._send("fetch", job_id, release=True)
+                self.release(job_id)
             return Result(_params(ev.header), ev.arrays, job_id)
         if ev.type == "error":
             raise _error_for(ev.header.get("code", ERR_UNKNOWN_JOB), ev.header.get("message", ""), job_id)
         self._watched.add(job_id)
         return None
+
+    def release(self, job_id: str) -> None:
+        """Tell the backend it may delete the stored result of a finished job (no answer is awaited)."""
+        self._send("fetch", check_job_id(job_id), release=True)
 
     def cancel(self, job_id: str) -> None:
         """Ask the backend to stop the job; its owner then gets an ``error`` with code ``cancelled``."""

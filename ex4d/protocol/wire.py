@@ -38,7 +38,7 @@ CLIENT_TYPES = frozenset({"hello", "submit", "cancel", "status", "fetch", "heart
 SERVER_TYPES = frozenset({"capabilities", "accepted", "busy", "progress", "result", "error", "status", "heartbeat"})
 MESSAGE_TYPES = CLIENT_TYPES | SERVER_TYPES
 
-JOB_KINDS = ("reconstruct", "render", "generate", "shot")
+JOB_KINDS = ("reconstruct", "render", "generate", "shot", "echo")  # echo: diagnostics
 
 # Only plain numeric dtypes travel; byte order is always little-endian on the wire.
 DTYPES = {

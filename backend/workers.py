@@ -1,0 +1,387 @@
+"""What the backend computes: the job handlers and the warm models they share.
+
+:class:`Engine` loads the generator once (``load()``) and runs one job at a time through the handler
+registered for its kind (:data:`HANDLERS`). A handler gets the job's params and arrays (read-only numpy
+views of the received frames), a ``progress(stage, step, total, preview=None)`` callback and a
+``cancel`` event, and returns ``(result params, result arrays)``. Handlers call the same library
+functions as the CLI (ex4d.recon / ex4d.pipeline / ex4d.generate), so a backend result equals the
+in-process result for the same inputs.
+
+Job kinds (docs/backend.md has the full table):
+
+* ``reconstruct``: frames (+ depth) -> depth, vertices, faces, uv, face_valid, K
+* ``render``: DW-mesh arrays + frames + cameras -> color, mask
+* ``generate``: color + mask -> frames
+* ``shot``: frames (+ depth) + cameras or a preset -> color, mask, c2w, K (+ frames when generated)
+* ``echo``: diagnostics - the arrays come back unchanged (transport benchmarks, health checks)
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from ex4d.errors import Cancelled, InputError, OutOfMemoryError
+
+Handler = Callable[["Engine", dict, dict, Callable, Any], tuple[dict, dict]]
+HANDLERS: dict[str, Handler] = {}
+
+
+def handler(kind: str):
+    def register(fn: Handler) -> Handler:
+        HANDLERS[kind] = fn
+        return fn
+
+    return register
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks (run at submit time too, so a bad job is refused before it queues)
+# --------------------------------------------------------------------------------------------------
+
+
+def need(arrays: Mapping[str, np.ndarray], name: str, dtype, ndim: int, tail: tuple = (), optional: bool = False):
+    a = arrays.get(name)
+    if a is None:
+        if optional:
+            return None
+        raise InputError(f"missing array '{name}'")
+    if a.dtype != np.dtype(dtype):
+        raise InputError(f"array '{name}' must be {np.dtype(dtype).name}, got {a.dtype.name}")
+    if a.ndim != ndim or (tail and tuple(a.shape[ndim - len(tail):]) != tail):
+        want = "(" + ",".join(["N"] * (ndim - len(tail)) + [str(t) for t in tail]) + ")"
+        raise InputError(f"array '{name}' must have shape {want}, got {tuple(a.shape)}")
+    return a
+
+
+def _float(arrays, name, ndim, tail=(), optional=False):
+    """Float arrays may come as float32 or float64."""
+    a = arrays.get(name)
+    if a is None:
+        if optional:
+            return None
+        raise InputError(f"missing array '{name}'")
+    if a.dtype not in (np.float32, np.float64):
+        raise InputError(f"array '{name}' must be float32 or float64, got {a.dtype.name}")
+    return need(arrays, name, a.dtype, ndim, tail)
+
+
+def _frames(arrays, name="frames"):
+    f = need(arrays, name, np.uint8, 4, (3,))
+    if min(f.shape[:3]) < 1:
+        raise InputError(f"array '{name}' is empty")
+    return f
+
+
+def _same_video(frames, other, name):
+    if other is not None and tuple(other.shape[:3]) != tuple(frames.shape[:3]):
+        raise InputError(f"array '{name}' {tuple(other.shape)} does not match frames {tuple(frames.shape[:3])}")
+
+
+def _intrinsics(params: dict, width: int, height: int, arrays=None, file_K=None):
+    from ex4d.camera import Intrinsics, resolve_intrinsics
+
+    K = params.get("K")
+    if K is None and arrays is not None and "K" in arrays and arrays["K"].shape == (3, 3):
+        K = arrays["K"]
+    if K is not None:
+        return Intrinsics.from_K(np.asarray(K, dtype=np.float64), width, height), "client K"
+    return resolve_intrinsics(width, height, focal_px=params.get("focal"), fov_deg=params.get("fov"), file_K=file_K)
+
+
+def check_job(kind: str, params: dict, arrays: Mapping[str, np.ndarray]) -> None:
+    """Cheap shape/dtype checks of a submitted job (no compute). Raises InputError."""
+    if kind not in HANDLERS:
+        raise InputError(f"unknown job kind '{kind}' (one of {', '.join(HANDLERS)})")
+    if not isinstance(params, dict):
+        raise InputError("params must be a JSON object")
+    if kind in ("reconstruct", "shot"):
+        f = _frames(arrays)
+        d = _float(arrays, "depth", 3, optional=True)
+        _same_video(f, d, "depth")
+        if d is None and not params.get("depth_model"):
+            raise InputError("no depth: send a 'depth' array (T,H,W) or name a 'depth_model' in params")
+    if kind == "render":
+        f = _frames(arrays)
+        v = _float(arrays, "vertices", 3, (3,))
+        need(arrays, "faces", np.int32, 2, (3,))
+        _float(arrays, "uv", 2, (2,))
+        need(arrays, "face_valid", np.bool_, 2)
+        c2w = _float(arrays, "c2w", 3, (4, 4))
+        if len(c2w) < len(f) or len(v) != len(f):
+            raise InputError(f"render needs one mesh frame and one camera per video frame ({len(f)} frames, "
+                             f"{len(v)} mesh frames, {len(c2w)} cameras)")
+    if kind == "shot" and "c2w" in arrays:
+        _float(arrays, "c2w", 3, (4, 4))
+    if kind == "generate":
+        c = need(arrays, "color", np.uint8, 4, (3,))
+        m = need(arrays, "mask", np.bool_, 3)
+        _same_video(c, m, "mask")
+
+
+# --------------------------------------------------------------------------------------------------
+# Engine
+# --------------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """The warm state of the service: device, generator, depth models. One job at a time."""
+
+    def __init__(self, generator: str = "tiny", models_dir: str | os.PathLike | None = None, device: str = "auto",
+                 memory_mode: str | None = None, depth_weights: str | os.PathLike | None = None,
+                 renderer: str = "auto", gpus: int = 1):
+        self.generator_name = generator
+        self.models_dir = models_dir
+        self.device_name = device
+        self.memory_mode = memory_mode
+        self.depth_weights = depth_weights
+        self.renderer = renderer
+        self.gpus = int(gpus)
+        self.generator = None
+        self.device = None
+        self._depth_models: dict[str, Any] = {}
+        self.load_seconds = 0.0
+
+    def load(self) -> None:
+        """Pick the device and load the generator once (the service then stays warm)."""
+        import torch
+
+        t0 = time.perf_counter()
+        if self.device_name == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(self.device_name)
+        if self.generator_name and self.generator_name != "none":
+            from ex4d.generate import load_generator
+
+            kwargs: dict[str, Any] = {"models_dir": self.models_dir, "device": self.device}
+            if self.memory_mode:
+                kwargs["memory_mode"] = self.memory_mode
+            self.generator = load_generator(self.generator_name, **kwargs)
+        self.load_seconds = time.perf_counter() - t0
+
+    def capabilities(self) -> dict:
+        import torch
+
+        gpus = []
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                p = torch.cuda.get_device_properties(i)
+                gpus.append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1)})
+        return {
+            "generator": self.generator_name,
+            "generators": ["tiny", "draft", "ex4d"],
+            "device": str(self.device),
+            "devices": ["cpu"] + [f"cuda:{g['index']}" for g in gpus],
+            "gpus": gpus,
+            "parallel_gpus": self.gpus,
+            "kinds": sorted(HANDLERS),
+            "memory_mode": self.memory_mode,
+            "renderer": self.renderer,
+            "load_seconds": round(self.load_seconds, 2),
+        }
+
+    def depth_model(self, name: str):
+        if name not in self._depth_models:
+            from ex4d.depth.models import load_depth_model
+
+            if self.depth_weights is None:
+                raise InputError(f"depth model '{name}' needs the backend to run with --depth-weights DIR")
+            self._depth_models[name] = load_depth_model(name, self.depth_weights, self.device)
+        return self._depth_models[name]
+
+    def run(self, kind: str, params: dict, arrays: dict, progress: Callable, cancel) -> tuple[dict, dict]:
+        check_job(kind, params, arrays)
+        try:
+            return HANDLERS[kind](self, params, arrays, progress, cancel)
+        except Exception as e:
+            if _is_oom(e):
+                raise OutOfMemoryError(
+                    f"GPU out of memory while running {kind}: use fewer or smaller frames, or restart the "
+                    "backend with --memory-mode offload"
+                ) from None
+            raise
+
+    def free_memory(self) -> None:
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+    def generate(self, color, mask, params, progress, cancel) -> np.ndarray:
+        if self.generator is None:
+            raise InputError("this backend runs without a generator (started with --generator none)")
+        kwargs = dict(prompt=params.get("prompt"), seed=int(params.get("seed", 0)), steps=params.get("steps"),
+                      progress=progress, cancel=cancel)
+        if params.get("cfg") is not None and "cfg" in inspect.signature(self.generator.generate).parameters:
+            kwargs["cfg"] = float(params["cfg"])
+        out = np.asarray(self.generator.generate(np.ascontiguousarray(color), np.ascontiguousarray(mask), **kwargs))
+        if out.dtype != np.uint8 or out.ndim != 4 or out.shape[-1] != 3:
+            raise InputError(f"generator returned {out.dtype} {out.shape}, expected uint8 (T,H,W,3)")
+        return out
+
+
+def _is_oom(e: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    return isinstance(e, (RuntimeError, MemoryError)) and ("out of memory" in str(e).lower() or isinstance(e, MemoryError))
+
+
+def _np(x) -> np.ndarray:
+    """torch tensor or array -> numpy (on the CPU)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _check_cancel(cancel) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled")
+
+
+# --------------------------------------------------------------------------------------------------
+# Handlers
+# --------------------------------------------------------------------------------------------------
+
+
+def _depth_for(engine: Engine, params: dict, arrays: dict, frames: np.ndarray, progress) -> np.ndarray:
+    depth = arrays.get("depth")
+    if depth is not None:
+        from ex4d.depth.files import check_depth
+
+        return check_depth(np.asarray(depth, dtype=np.float32), len(frames), frames.shape[1:3], source="depth array")
+    model = engine.depth_model(str(params["depth_model"]))
+    progress("depth", 0, 1)
+    d = np.asarray(model.predict(frames), dtype=np.float32)
+    progress("depth", 1, 1)
+    return d
+
+
+def mesh_arrays(mesh) -> dict[str, np.ndarray]:
+    """A DW-mesh as the arrays of a ``reconstruct`` result."""
+    out = {
+        "vertices": _np(mesh.vertices).astype(np.float32, copy=False),
+        "faces": _np(mesh.faces).astype(np.int32, copy=False),
+        "uv": _np(mesh.uv).astype(np.float32, copy=False),
+        "face_valid": _np(mesh.face_valid).astype(np.bool_, copy=False),
+    }
+    vv = getattr(mesh, "vertex_valid", None)
+    if vv is not None:
+        out["vertex_valid"] = _np(vv).astype(np.bool_, copy=False)
+    return out
+
+
+def mesh_from_arrays(arrays: Mapping[str, np.ndarray]):
+    """The DW-mesh object the renderer takes, from ``render`` job arrays."""
+    from ex4d import dwmesh
+
+    return dwmesh.DWMesh.from_arrays(**{k: np.array(arrays[k]) for k in ("vertices", "faces", "uv", "face_valid", "vertex_valid") if k in arrays})
+
+
+@handler("reconstruct")
+def run_reconstruct(engine: Engine, params: dict, arrays: dict, progress, cancel):
+    from ex4d.recon import reconstruct
+
+    frames = np.ascontiguousarray(arrays["frames"])
+    T, H, W = frames.shape[:3]
+    depth = _depth_for(engine, params, arrays, frames, progress)
+    intr, source = _intrinsics(params, W, H)
+    mesh = reconstruct(frames, depth, intr, method=params.get("mesh_method", "ours"), device=engine.device,
+                       progress=progress, cancel=cancel)
+    out = mesh_arrays(mesh)
+    out["depth"] = depth
+    out["K"] = intr.K
+    return {"K": intr.K.tolist(), "intrinsics_source": source, "width": W, "height": H}, out
+
+
+def _camera_path(params: dict, arrays: dict, frames: np.ndarray, intr, depth0=None):
+    from ex4d.camera import CameraPath
+
+    T, H, W = frames.shape[:3]
+    if "c2w" in arrays:
+        K = arrays.get("K")
+        K = intr.K if K is None else np.asarray(K, dtype=np.float64)
+        width, height = int(params.get("width", W)), int(params.get("height", H))
+        path = CameraPath(np.asarray(arrays["c2w"], dtype=np.float64), K, width, height, name=str(params.get("name", "path")))
+        from ex4d.recon import check_path_for_video
+
+        return check_path_for_video(path, T, W, H)
+    from ex4d.pipeline import make_camera_path
+
+    return make_camera_path(T, intr, depth0, cam=params.get("cam"), angle=params.get("angle"),
+                            pivot=params.get("pivot", "median"), distance=params.get("distance"),
+                            easing=params.get("easing", "linear"))
+
+
+@handler("render")
+def run_render(engine: Engine, params: dict, arrays: dict, progress, cancel):
+    from ex4d.camera import Intrinsics
+    from ex4d.recon import render_path
+
+    frames = np.ascontiguousarray(arrays["frames"])
+    T, H, W = frames.shape[:3]
+    K = arrays.get("K")
+    intr = Intrinsics.from_K(np.asarray(K if K is not None and K.ndim == 2 else (K[0] if K is not None else params["K"])), W, H)
+    path = _camera_path(params, arrays, frames, intr)
+    mesh = mesh_from_arrays(arrays)
+    guides = render_path(mesh, frames, path, rasterizer=params.get("renderer", engine.renderer), device=engine.device,
+                         progress=progress, cancel=cancel)
+    return {"width": W, "height": H}, {"color": _np(guides.color), "mask": _np(guides.mask)}
+
+
+@handler("generate")
+def run_generate(engine: Engine, params: dict, arrays: dict, progress, cancel):
+    out = engine.generate(arrays["color"], arrays["mask"], params, progress, cancel)
+    return {"generator": engine.generator_name, "seed": int(params.get("seed", 0))}, {"frames": out}
+
+
+@handler("echo")
+def run_echo(engine: Engine, params: dict, arrays: dict, progress, cancel):
+    """Diagnostics: returns the arrays unchanged after ``steps`` steps of ``step_seconds`` (bench, health checks)."""
+    steps = max(0, min(int(params.get("steps", 0)), 10_000))
+    pause = max(0.0, min(float(params.get("step_seconds", 0.0)), 10.0))
+    for i in range(steps):
+        progress("echo", i, steps)
+        if cancel is not None and cancel.wait(pause):
+            raise Cancelled("cancelled")
+    progress("echo", steps, steps)
+    return {"steps": steps}, {k: np.asarray(v) for k, v in arrays.items()}
+
+
+@handler("shot")
+def run_shot_job(engine: Engine, params: dict, arrays: dict, progress, cancel):
+    from ex4d.pipeline import run_shot
+
+    frames = np.ascontiguousarray(arrays["frames"])
+    T, H, W = frames.shape[:3]
+    depth = _depth_for(engine, params, arrays, frames, progress)
+    intr, source = _intrinsics(params, W, H)
+    path = _camera_path(params, arrays, frames, intr, depth0=depth[0])
+    want_video = bool(params.get("generate", True))
+    if want_video and engine.generator is None:
+        raise InputError("this backend runs without a generator; send generate=false for guides only")
+    result = run_shot(frames, depth, intr, path, mesh_method=params.get("mesh_method", "ours"),
+                      renderer=params.get("renderer", engine.renderer), device=engine.device,
+                      generator=engine.generator if want_video else None, prompt=params.get("prompt"),
+                      seed=int(params.get("seed", 0)), steps=params.get("steps"), progress=progress, cancel=cancel)
+    out = {"color": _np(result.guides.color), "mask": _np(result.guides.mask), "c2w": result.path.c2w, "K": result.path.K}
+    if result.video is not None:
+        out["frames"] = result.video
+    info = {"name": result.path.name, "width": W, "height": H, "intrinsics_source": source,
+            "generated": result.video is not None, "generator": engine.generator_name if want_video else None,
+            "path_meta": dict(result.path.meta)}
+    return info, out
