@@ -89,7 +89,9 @@ class TqdmProgress:
             return
         from tqdm import tqdm
 
-        if stage != self.stage or self.bar is None:
+        if stage == self.stage and self.bar is None:
+            return  # this stage already reached its total
+        if stage != self.stage:
             self.close()
             self.stage = stage
             self.bar = tqdm(total=max(int(total), 1), desc=f"{stage:>10}", unit="step", leave=True, file=sys.stderr, dynamic_ncols=True)

@@ -1,0 +1,236 @@
+"""``ex4d recon`` / ``ex4d run`` end to end on the tiny clip, and every bad input: one-line error,
+non-zero exit, nothing half-written in --out."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ex4d.camera import CameraPath, Intrinsics, orbit_poses, read_transforms, write_transforms
+from ex4d.cli import main
+from ex4d.video import probe_video, read_video, write_npz_atomic, write_video
+
+GUIDE_FILES = ("color_{n}.mp4", "mask_{n}.mp4", "render_{n}.npz", "cameras_{n}.json")
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def check_guides(out: Path, name: str, T: int, W: int, H: int) -> dict:
+    for pattern in GUIDE_FILES:
+        assert (out / pattern.format(n=name)).is_file(), pattern
+    with np.load(out / f"render_{name}.npz") as z:
+        color, mask = z["color"], z["mask"]
+    assert color.shape == (T, H, W, 3) and color.dtype == np.uint8
+    assert mask.shape == (T, H, W) and mask.dtype == np.bool_
+    assert mask[0].all()  # frame 0 = the source camera: everything valid
+    assert 0.05 < mask[-1].mean() < 1.0  # the move uncovers something
+    assert (color[~mask] == 0).all()  # colour is masked
+    mask_video = read_video(out / f"mask_{name}.mp4").frames[..., 0]
+    assert mask_video.shape == (T, H, W)
+    assert ((mask_video > 127) == mask).mean() > 0.97  # 255 = valid (mp4 edges may blur a little)
+    info = probe_video(out / f"color_{name}.mp4")
+    assert (info.num_frames, info.width, info.height) == (T, W, H)
+    path = read_transforms(out / f"cameras_{name}.json")
+    assert len(path) == T and (path.width, path.height) == (W, H)
+    np.testing.assert_allclose(path.c2w[0], np.eye(4), atol=1e-9)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left
+    return {"color": color, "mask": mask, "path": path}
+
+
+def test_recon_preset_in_process(tmp_path, tiny_clip, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(
+        ["recon", tiny_clip.video, "--depth", tiny_clip.depth_file, "--cam", "orbit_right", "--angle", "20", "--out", out, "--quiet"],
+        capsys,
+    )
+    assert code == 0, err
+    g = check_guides(out, "orbit_right", 6, 64, 48)
+    assert "intrinsics: depth file" in stdout  # K came from depth.npz
+    np.testing.assert_allclose(g["path"].K[0], tiny_clip.K)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.format(n="orbit_right") for p in GUIDE_FILES)
+
+
+def test_recon_trajectory_crop_size_mesh_as_subprocess(tmp_path, tiny_clip):
+    """The console script, a transforms.json path (written at another resolution), --size/--fit crop,
+    --frames and --save-mesh."""
+    intr = Intrinsics.from_focal(112.0, 96, 96)  # a camera file exported at 2x the working size
+    poses = orbit_poses(6, 4.0, yaw_deg=-25.0)
+    write_transforms(CameraPath(poses, intr.K, 96, 96, name="my_move"), tmp_path / "transforms.json")
+    out = tmp_path / "out"
+    exe = Path(sys.executable).with_name("ex4d")
+    assert exe.is_file(), f"console script missing next to {sys.executable}"
+    proc = subprocess.run(
+        [str(exe), "recon", str(tiny_clip.video), "--depth", str(tiny_clip.depth_file), "--trajectory", str(tmp_path / "transforms.json"),
+         "--frames", "5", "--size", "48x48", "--fit", "crop", "--focal", "56", "--save-mesh", "--renderer", "torch", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "render" in proc.stderr  # the tqdm bar
+    g = check_guides(out, "my_move", 5, 48, 48)
+    # the trajectory's own intrinsics, rescaled to the working size
+    np.testing.assert_allclose(g["path"].K[0], Intrinsics.from_focal(56.0, 48, 48).K)
+    assert (out / "dwmesh_my_move.npz").is_file() and (out / "dwmesh_my_move_frame0.ply").is_file()
+    with np.load(out / "dwmesh_my_move.npz") as z:
+        assert z["vertices"].shape[0] == 5
+
+
+def _generator_available(name: str) -> str | None:
+    try:
+        from ex4d.generate import load_generator
+    except ImportError as e:
+        return f"ex4d.generate is not importable yet ({e})"
+    try:
+        load_generator(name, models_dir=None, device="cpu")
+    except Exception as e:  # noqa: BLE001 - the reason goes into the skip message
+        return f"generator '{name}' cannot be loaded here: {e}"
+    return None
+
+
+def test_run_with_draft_generator(tmp_path, tiny_clip, capsys):
+    reason = _generator_available("draft")
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(
+        ["run", tiny_clip.video, "--depth", tiny_clip.depth_file, "--cam", "orbit_left", "--generator", "draft", "--out", out, "--quiet"],
+        capsys,
+    )
+    assert code == 0, err
+    g = check_guides(out, "orbit_left", 6, 64, 48)
+    shot = read_video(out / "shot_orbit_left.mp4").frames
+    assert shot.shape == (6, 48, 64, 3)
+    # the holes are filled: no large black area where the guide had none
+    assert (shot[-1][~g["mask"][-1]].max(axis=-1) > 10).mean() > 0.5
+
+
+# ----------------------------------------------------------------------------------------- bad inputs
+
+
+@pytest.fixture()
+def bad_inputs(tmp_path, tiny_clip):
+    """Builders of broken inputs; each returns CLI args replacing the good ones."""
+    d = tmp_path / "inputs"
+    d.mkdir()
+
+    def depth_file(depth, name="depth.npz", **extra):
+        return write_npz_atomic(d / name, depth=np.asarray(depth, np.float32), **extra)
+
+    def trajectory(data, name="transforms.json"):
+        (d / name).write_text(json.dumps(data))
+        return d / name
+
+    good_traj = {"fl_x": 56.0, "w": 64, "h": 48,
+                 "frames": [{"transform_matrix": M.tolist()} for M in orbit_poses(6, 4.0, yaw_deg=10)]}
+    depth = tiny_clip.depth
+    cases = {}
+    (d / "text.mp4").write_text("not a video")
+    cases["unreadable_video"] = ([d / "text.mp4", "--depth", tiny_clip.depth_file], "not a readable video")
+    (d / "empty.mp4").write_bytes(b"")
+    cases["empty_video"] = ([d / "empty.mp4", "--depth", tiny_clip.depth_file], "empty")
+    cases["missing_video"] = ([d / "none.mp4", "--depth", tiny_clip.depth_file], "not found")
+    cases["depth_shape"] = ([tiny_clip.video, "--depth", depth_file(depth[:, :, :40], "shape.npz")], "aspect")
+    cases["depth_frames"] = ([tiny_clip.video, "--depth", depth_file(depth[:4], "frames.npz")], "has 4 frames but the video has 6")
+    cases["depth_longer"] = ([tiny_clip.video, "--depth", depth_file(np.concatenate([depth, depth[:1]]), "longer.npz")], "has 7 frames but the video has 6")
+    z = depth.copy()
+    z[2, 5, 5] = 0
+    cases["depth_zero"] = ([tiny_clip.video, "--depth", depth_file(z, "zero.npz")], "zero or negative")
+    z = depth.copy()
+    z[3] *= -1
+    cases["depth_negative"] = ([tiny_clip.video, "--depth", depth_file(z, "neg.npz")], "zero or negative")
+    z = depth.copy()
+    z[1, 0, 0] = np.nan
+    cases["depth_nan"] = ([tiny_clip.video, "--depth", depth_file(z, "nan.npz")], "NaN")
+    cases["depth_missing_key"] = ([tiny_clip.video, "--depth", write_npz_atomic(d / "nokey.npz", disparity=depth)], "no 'depth' array")
+    cases["no_depth"] = ([tiny_clip.video], "no depth given")
+    good = [tiny_clip.video, "--depth", tiny_clip.depth_file]
+    bad = json.loads(json.dumps(good_traj))
+    bad["frames"][2]["transform_matrix"] = bad["frames"][2]["transform_matrix"][:3]
+    cases["traj_matrix_shape"] = (good + ["--trajectory", trajectory(bad, "shape.json")], "must be 4x4")
+    bad = json.loads(json.dumps(good_traj))
+    del bad["frames"][4]["transform_matrix"]
+    cases["traj_missing_matrix"] = (good + ["--trajectory", trajectory(bad, "nomatrix.json")], "no 'transform_matrix'")
+    bad = json.loads(json.dumps(good_traj))
+    del bad["w"], bad["h"]
+    cases["traj_missing_size"] = (good + ["--trajectory", trajectory(bad, "nosize.json")], "'w' and 'h'")
+    bad = json.loads(json.dumps(good_traj))
+    del bad["fl_x"]
+    cases["traj_missing_focal"] = (good + ["--trajectory", trajectory(bad, "nofocal.json")], "no focal length")
+    bad = json.loads(json.dumps(good_traj))
+    bad["frames"] = bad["frames"][:4]
+    cases["traj_too_short"] = (good + ["--trajectory", trajectory(bad, "short.json")], "has 4 frames but the video has 6")
+    bad = json.loads(json.dumps(good_traj))
+    bad["w"] = 48
+    cases["traj_aspect"] = (good + ["--trajectory", trajectory(bad, "aspect.json")], "aspect ratio")
+    cases["traj_missing_file"] = (good + ["--trajectory", d / "nope.json"], "not found")
+    cases["unknown_preset"] = (good + ["--cam", "spin"], "unknown camera preset")
+    cases["angle_too_big"] = (good + ["--cam", "orbit_up", "--angle", "120"], "90")
+    cases["too_many_frames"] = (good + ["--frames", "9"], "only 6 frames")
+    cases["odd_size"] = (good + ["--size", "63x48"], "even")
+    cases["bad_size"] = (good + ["--size", "big"], "512x512")
+    cases["bad_name"] = (good + ["--name", "../escape"], "shot name")
+    cases["negative_focal"] = (good + ["--focal", "-5"], "--focal")
+    return cases
+
+
+BAD_CASES = [
+    "unreadable_video", "empty_video", "missing_video", "depth_shape", "depth_frames", "depth_longer", "depth_zero",
+    "depth_negative", "depth_nan", "depth_missing_key", "no_depth", "traj_matrix_shape", "traj_missing_matrix",
+    "traj_missing_size", "traj_missing_focal", "traj_too_short", "traj_aspect", "traj_missing_file", "unknown_preset",
+    "angle_too_big", "too_many_frames", "odd_size", "bad_size", "bad_name", "negative_focal",
+]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_one_line_error_nothing_written(tmp_path, bad_inputs, capsys, case):
+    args, expected = bad_inputs[case]
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["recon", *args, "--out", out, "--quiet"], capsys)
+    assert code == 2
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert err.rstrip().splitlines()[-1] == errors[0]  # the error is the last thing said
+    assert expected in errors[0], errors[0]
+    assert not out.exists()  # nothing half-written (not even an empty folder)
+
+
+def test_failure_leaves_existing_out_untouched(tmp_path, bad_inputs, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "color_orbit_right.mp4").write_bytes(b"earlier result")
+    args, _ = bad_inputs["traj_too_short"]
+    code, _, _ = run_cli(["recon", *args, "--out", out, "--quiet"], capsys)
+    assert code == 2
+    assert [p.name for p in out.iterdir()] == ["color_orbit_right.mp4"]
+    assert (out / "color_orbit_right.mp4").read_bytes() == b"earlier result"
+
+
+def test_run_missing_weights_writes_nothing(tmp_path, tiny_clip, capsys):
+    reason = _generator_available("draft")
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        ["run", tiny_clip.video, "--depth", tiny_clip.depth_file, "--generator", "ex4d", "--models", tmp_path / "no_models", "--out", out, "--quiet"],
+        capsys,
+    )
+    assert code == 2 and err.rstrip().splitlines()[-1].startswith("error:")
+    assert not out.exists()
+
+
+def test_out_is_a_file(tmp_path, tiny_clip, capsys):
+    out = tmp_path / "out"
+    out.write_text("a file")
+    code, _, err = run_cli(["recon", tiny_clip.video, "--depth", tiny_clip.depth_file, "--out", out, "--quiet"], capsys)
+    assert code == 2 and "not a folder" in err
+    assert out.read_text() == "a file"
