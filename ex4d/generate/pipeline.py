@@ -1,0 +1,253 @@
+"""The EX-4D pipeline on diffsynth 2.x's Wan classes.
+
+:class:`Ex4dPipeline` subclasses diffsynth's ``WanVideoPipeline`` for its model slots, scheduler, noise,
+VRAM management (``load_models_to_device``) and compile helper, and runs its own short, explicit loop:
+
+    prepare()        prompt embeddings (posi/nega), CLIP + VAE image condition of frame 0, and the
+                     video-condition tokens (masked colour + mask video through the VAE and the encoder)
+    denoise()        25 flow-matching steps; each step calls predict_noise(); progress + cancel between steps
+    predict_noise()  one (CFG-combined) noise prediction: the seam the performance work swaps parts of
+    decode()         VAE decode to uint8 frames
+
+The adapter's tokens are added to the DiT's patch tokens right after patch embedding, in both CFG
+branches, by :func:`ex4d_model_fn`. diffsynth 2.1.12 has such a hook (``dit.control_adapter``, summed in
+``WanModel.patchify``), but that code keeps only batch element 0 (``x = x[0].unsqueeze(0)``), which
+would silently break batched CFG; so the model function is written out here (about 20 lines, same op
+order as ``model_fn_wan_video``'s I2V path; tests check both give identical outputs).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from ..errors import Cancelled
+from .settings import RELEASE_SIGMA_SHIFT
+
+ProgressFn = Callable[..., None]
+
+
+def ex4d_model_fn(dit, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                  clip_feature: torch.Tensor, y: torch.Tensor, video_tokens: torch.Tensor | None = None,
+                  **_unused) -> torch.Tensor:
+    """Wan I2V DiT forward with the EX-4D condition tokens added after patch embedding.
+
+    Batched CFG: pass ``context`` with batch 2 (posi, nega); latents/y/clip/video_tokens of batch 1 are
+    broadcast. ``timestep`` has shape (1,) in the model's dtype.
+    """
+    from diffsynth.models.wan_video_dit import sinusoidal_embedding_1d
+
+    t = dit.time_embedding(sinusoidal_embedding_1d(dit.freq_dim, timestep))
+    t_mod = dit.time_projection(t).unflatten(1, (6, dit.dim))
+    context = dit.text_embedding(context)
+    batch = context.shape[0]
+
+    x = torch.cat([latents, y], dim=1)
+    if x.shape[0] != batch:
+        x = x.expand(batch, *x.shape[1:])
+    clip_embedding = dit.img_emb(clip_feature)
+    if clip_embedding.shape[0] != batch:
+        clip_embedding = clip_embedding.expand(batch, *clip_embedding.shape[1:])
+    context = torch.cat([clip_embedding, context], dim=1)
+
+    x = dit.patch_embedding(x)
+    f, h, w = x.shape[2:]
+    x = rearrange(x, "b c f h w -> b (f h w) c").contiguous()
+    if video_tokens is not None:
+        x = x + video_tokens  # EX-4D: condition tokens join the patch tokens (both CFG branches)
+
+    freqs = torch.cat([
+        dit.freqs[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+        dit.freqs[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
+        dit.freqs[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
+    ], dim=-1).reshape(f * h * w, 1, -1).to(x.device)
+
+    for block in dit.blocks:
+        x = block(x, context, t_mod, freqs)
+    x = dit.head(x, t)
+    return dit.unpatchify(x, (f, h, w))
+
+
+@dataclass
+class Conditioning:
+    """Everything the DiT sees besides the latents and the timestep (computed once per clip/window)."""
+
+    context: torch.Tensor  # (1, L, text_dim) positive prompt embedding
+    negative_context: torch.Tensor | None  # None when cfg == 1
+    clip_feature: torch.Tensor  # (1, 257, 1280)
+    y: torch.Tensor  # (1, 4 + 16, f, h, w): first-frame mask + VAE latents of frame 0 and zeros
+    video_tokens: torch.Tensor | None  # (1, f*h/2*w/2, dim) from the video condition encoder
+    cfg: float = 5.0
+
+
+def _pipeline_base():
+    from diffsynth.pipelines.wan_video import WanVideoPipeline
+
+    return WanVideoPipeline
+
+
+class Ex4dPipeline(_pipeline_base()):
+    """diffsynth WanVideoPipeline + the EX-4D video condition encoder and loop (see module docstring)."""
+
+    def __init__(self, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.bfloat16):
+        super().__init__(device=device, torch_dtype=torch_dtype)
+        self.condition_encoder = None
+        self.memory_mode = "resident"
+        self.model_fn = ex4d_model_fn  # swap point for speed work (compiled / batched-CFG variants)
+        self.in_iteration_models = ("dit", "condition_encoder")
+        self.adapter_report = None
+
+    # -- encoders -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompt(self, text: str) -> torch.Tensor:
+        self.load_models_to_device(("text_encoder",))
+        ids, mask = self.tokenizer(text, return_mask=True, add_special_tokens=True)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        emb = self.text_encoder(ids, mask)
+        length = int(mask.gt(0).sum(dim=1)[0])
+        emb[:, length:] = 0
+        return emb.to(self.torch_dtype)
+
+    def _vae_encode(self, video: torch.Tensor) -> torch.Tensor:
+        """(3,T,H,W) in [-1,1] -> (1,16,f,h,w), not tiled (the release's setting)."""
+        z = self.vae.encode([video.to(dtype=self.torch_dtype)], device=self.device, tiled=False)
+        return z.to(dtype=self.torch_dtype, device=self.device)
+
+    @torch.no_grad()
+    def encode_image_condition(self, frame0: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame 0 (3,H,W) in [-1,1] -> (CLIP feature (1,257,1280), y (1,20,f,h,w)) as in Wan I2V."""
+        _, height, width = frame0.shape
+        self.load_models_to_device(("image_encoder", "vae"))
+        image = frame0.to(device=self.device, dtype=self.torch_dtype)[None]
+        clip_feature = self.image_encoder.encode_image([image.clone()]).to(dtype=self.torch_dtype, device=self.device)
+        first = torch.ones(1, num_frames, height // 8, width // 8, device=self.device)
+        first[:, 1:] = 0
+        first = torch.cat([first[:, :1].repeat_interleave(4, dim=1), first[:, 1:]], dim=1)
+        first = first.view(1, first.shape[1] // 4, 4, height // 8, width // 8).transpose(1, 2)[0]
+        vae_input = torch.cat([image[0][:, None], image.new_zeros(3, num_frames - 1, height, width)], dim=1)
+        latents = self._vae_encode(vae_input)[0]
+        y = torch.cat([first.to(latents.dtype), latents])[None]
+        return clip_feature, y
+
+    @torch.no_grad()
+    def encode_video_condition(self, color_m11: torch.Tensor, mask_m11: torch.Tensor) -> torch.Tensor:
+        """Masked colour (3,T,H,W) and mask (3,T,H,W), both in [-1,1] -> condition tokens (1, N, dim).
+
+        The mask is mapped once more (x2-1) before the VAE, so it sees -3 and +1: the released weights
+        were trained with exactly this.
+        """
+        self.load_models_to_device(("vae", "condition_encoder"))
+        color_latents = self._vae_encode(color_m11)
+        mask_latents = self._vae_encode(mask_m11 * 2 - 1)
+        enc = self.condition_encoder
+        param = next(enc.parameters())
+        out = enc(color_latents.to(param.dtype), mask_latents.to(param.dtype))
+        return rearrange(out, "b c f h w -> b (f h w) c").to(self.torch_dtype).contiguous()
+
+    @torch.no_grad()
+    def prepare(self, color_m11: np.ndarray | torch.Tensor, mask_m11: np.ndarray | torch.Tensor, *, prompt: str,
+                negative_prompt: str, cfg: float, image_frame: np.ndarray | torch.Tensor | None = None) -> Conditioning:
+        """Inputs (3,T,H,W) in [-1,1]; the image condition is frame 0 of the masked colour video unless given."""
+        color = torch.as_tensor(color_m11, dtype=torch.float32)
+        mask = torch.as_tensor(mask_m11, dtype=torch.float32)
+        frame0 = color[:, 0] if image_frame is None else torch.as_tensor(image_frame, dtype=torch.float32)
+        context = self.encode_prompt(prompt)
+        negative = self.encode_prompt(negative_prompt) if cfg != 1.0 else None
+        clip_feature, y = self.encode_image_condition(frame0, color.shape[1])
+        tokens = self.encode_video_condition(color, mask)
+        return Conditioning(context, negative, clip_feature, y, tokens, float(cfg))
+
+    # -- denoising ----------------------------------------------------------------------------------
+
+    def initial_noise(self, num_frames: int, height: int, width: int, seed: int) -> torch.Tensor:
+        """Gaussian noise from a CPU generator (same seed -> same noise on any device), float32."""
+        shape = (1, 16, (num_frames - 1) // 4 + 1, height // 8, width // 8)
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+    def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The CFG-combined noise prediction for one step (float32)."""
+        kwargs = dict(dit=self.dit, latents=latents.to(self.torch_dtype),
+                      timestep=timestep.to(dtype=self.torch_dtype, device=self.device),
+                      clip_feature=cond.clip_feature, y=cond.y, video_tokens=cond.video_tokens)
+        positive = self.model_fn(context=cond.context, **kwargs).float()
+        if cond.negative_context is None or cond.cfg == 1.0:
+            return positive
+        negative = self.model_fn(context=cond.negative_context, **kwargs).float()
+        return negative + cond.cfg * (positive - negative)
+
+    @torch.no_grad()
+    def denoise(self, cond: Conditioning, noise: torch.Tensor, *, steps: int, sigma_shift: float = RELEASE_SIGMA_SHIFT,
+                progress: ProgressFn | None = None, cancel: threading.Event | None = None,
+                step_offset: int = 0, total_steps: int | None = None) -> torch.Tensor:
+        """Flow-matching loop; latents kept in float32 between steps. Checks ``cancel`` before every step."""
+        self.scheduler.set_timesteps(steps, denoising_strength=1.0, shift=sigma_shift)
+        self.load_models_to_device(self.in_iteration_models)
+        latents = noise.float()
+        total = total_steps or steps
+        for index, timestep in enumerate(self.scheduler.timesteps):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("generation cancelled")
+            noise_pred = self.predict_noise(latents, timestep[None], cond)
+            latents = self.scheduler.step(noise_pred, timestep, latents)
+            if progress is not None:
+                progress("denoise", step_offset + index + 1, total)
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> (T,H,W,3) uint8 (not tiled, as the release)."""
+        self.load_models_to_device(("vae",))
+        video = self.vae.decode(latents.to(self.torch_dtype), device=self.device, tiled=False)[0]
+        frames = ((video.float() + 1.0) * 127.5).clamp(0, 255).to(torch.uint8)
+        return frames.permute(1, 2, 3, 0).cpu().numpy()
+
+    @torch.no_grad()
+    def generate_clip(self, color_m11: np.ndarray, mask_m11: np.ndarray, *, prompt: str, negative_prompt: str,
+                      steps: int, cfg: float, seed: int, sigma_shift: float = RELEASE_SIGMA_SHIFT,
+                      image_frame: np.ndarray | None = None, progress: ProgressFn | None = None,
+                      cancel: threading.Event | None = None, step_offset: int = 0,
+                      total_steps: int | None = None) -> np.ndarray:
+        """One model-length clip (T = 4k+1 frames, H and W multiples of 16) -> (T,H,W,3) uint8."""
+        _, num_frames, height, width = color_m11.shape
+        if progress is not None:
+            progress("encode", 0, 1)
+        cond = self.prepare(color_m11, mask_m11, prompt=prompt, negative_prompt=negative_prompt, cfg=cfg,
+                            image_frame=image_frame)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("generation cancelled")
+        noise = self.initial_noise(num_frames, height, width, seed)
+        latents = self.denoise(cond, noise, steps=steps, sigma_shift=sigma_shift, progress=progress, cancel=cancel,
+                               step_offset=step_offset, total_steps=total_steps)
+        if progress is not None:
+            progress("decode", 0, 1)
+        return self.decode(latents)
+
+
+def assemble_pipeline(components, *, device: str | torch.device, dtype: torch.dtype, adapter_state: dict | None = None,
+                      adapter_path: str = "<memory>", memory_mode: str = "resident", lora: bool = True,
+                      vram_limit_gb: float | None = None) -> Ex4dPipeline:
+    """Put components into an Ex4dPipeline: LoRA, strict adapter load, then the memory mode."""
+    from .adapter import add_lora, load_adapter
+    from .memory import apply_memory_mode
+
+    pipe = Ex4dPipeline(device=device, torch_dtype=dtype)
+    dit = components.dit
+    if lora:
+        dit = add_lora(dit)
+    if adapter_state is not None:
+        pipe.adapter_report = load_adapter(dit, components.condition_encoder, adapter_state, adapter_path)
+    pipe.dit = dit
+    pipe.text_encoder = components.text_encoder
+    pipe.image_encoder = components.image_encoder
+    pipe.vae = components.vae
+    pipe.condition_encoder = components.condition_encoder
+    pipe.tokenizer = components.tokenizer
+    apply_memory_mode(pipe, memory_mode, vram_limit_gb=vram_limit_gb)
+    return pipe
