@@ -1,0 +1,1 @@
+"""Everything in the add-on that touches bpy (properties, operators, panels, scene building)."""

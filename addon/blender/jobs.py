@@ -1,0 +1,306 @@
+"""Long work without blocking the UI: backend jobs and the local guide render, driven by a timer.
+
+``poll_once(scene)`` is the whole step: it advances the guide render by one frame, drains the client
+socket (progress, result, error), applies finished results to the scene and watches the heartbeat.
+``bpy.app.timers`` calls it in Blender; the ``ex4d.watch_job`` modal operator calls it too (so Esc
+cancels and errors become reports); tests call it directly (the bpy module runs no event loop).
+The job id, kind and state live in ``scene.ex4d`` and are saved with the .blend, so connecting again
+after a restart picks up a job that is still running or already finished.
+"""
+
+import time
+
+import bpy
+
+from ..core import errors, protocol_client
+
+REMOTE_KINDS = ("reconstruct", "generate")
+HELLO_TIMEOUT_S = 3.0
+TIMER_BUSY_S = 0.2
+TIMER_IDLE_S = 1.0
+
+
+class Runtime:
+    """What cannot be saved: the socket, the guide render in progress, messages for the next report."""
+
+    def __init__(self):
+        self.client = None
+        self.local = None  # (scene name, GuideRender)
+        self.messages = []  # (level, text) not yet shown
+        self.watchers = 0  # running ex4d.watch_job modal operators
+        self.lost_reported = False
+        self.result_handlers = {}  # kind -> fn(scene, Result) -> message
+
+
+RT = Runtime()
+
+
+def post(level: str, text: str) -> None:
+    RT.messages.append((level, text))
+    print(f"EX-4D {level.lower()}: {text}")
+
+
+def take_messages() -> list:
+    out, RT.messages = RT.messages, []
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# connection
+# --------------------------------------------------------------------------------------------------
+
+
+def capabilities_text(caps: dict) -> str:
+    gens = caps.get("generators") or []
+    if isinstance(gens, dict):
+        gens = list(gens)
+    devs = caps.get("devices") or caps.get("gpus") or []
+    parts = [f"protocol {caps.get('protocol', caps.get('v', '?'))}"]
+    if gens:
+        parts.append("generators: " + ", ".join(map(str, gens)))
+    if devs:
+        parts.append("devices: " + ", ".join(str(d.get("name", d)) if isinstance(d, dict) else str(d) for d in devs))
+    return "; ".join(parts)
+
+
+def connect(scene) -> dict:
+    """Open a client, say hello (short timeout: a dead backend is reported, never waited on)."""
+    props = scene.ex4d
+    disconnect(scene)
+    Client = protocol_client().Client
+    client = Client(props.address, timeout_s=HELLO_TIMEOUT_S)
+    try:
+        caps = client.hello(timeout_s=HELLO_TIMEOUT_S)
+    except BaseException:
+        client.close()
+        props.backend_state = "not connected"
+        raise
+    RT.client = client
+    RT.lost_reported = False
+    props.capabilities = capabilities_text(caps)
+    props.backend_state = "connected"
+    if props.job_id and props.job_state == "running" and props.job_kind in REMOTE_KINDS:
+        reattach(scene)
+    ensure_timer()
+    return caps
+
+
+def disconnect(scene=None) -> None:
+    if RT.client is not None:
+        RT.client.close()
+        RT.client = None
+    if scene is not None:
+        scene.ex4d.backend_state = "not connected"
+        scene.ex4d.capabilities = ""
+
+
+def require_client():
+    if RT.client is None:
+        raise errors.ConnectionLost("not connected to a backend: press Connect in the EX-4D tab")
+    return RT.client
+
+
+def reattach(scene) -> None:
+    """Ask the backend for the scene's job: apply it if finished, follow it if still running."""
+    props = scene.ex4d
+    try:
+        result = RT.client.fetch(props.job_id, timeout_s=HELLO_TIMEOUT_S)
+    except errors.Ex4dError as e:
+        _job_failed(props, e)
+        return
+    if result is None:
+        props.job_stage = props.job_stage or "running"
+        post("INFO", f"following the running {props.job_kind} job")
+    else:
+        _job_done(scene, result)
+
+
+# --------------------------------------------------------------------------------------------------
+# jobs
+# --------------------------------------------------------------------------------------------------
+
+
+def busy(props) -> bool:
+    return props.job_state == "running"
+
+
+def _start(props, kind: str, job_id: str) -> None:
+    props.job_id, props.job_kind, props.job_state = job_id, kind, "running"
+    props.job_stage, props.job_step, props.job_total, props.job_message = "queued", 0, 0, ""
+
+
+def submit(scene, kind: str, params: dict, arrays: dict) -> str:
+    props = scene.ex4d
+    if busy(props):
+        raise errors.InputError(f"a {props.job_kind} job is still running: wait or cancel it first")
+    job_id = require_client().submit(kind, params, arrays)
+    _start(props, kind, job_id)
+    ensure_timer()
+    return job_id
+
+
+def start_local(scene, kind: str, worker) -> None:
+    """A job run inside Blender (the guide render): ``worker.step()`` per tick, ``worker.finish()`` at the end."""
+    props = scene.ex4d
+    if busy(props):
+        raise errors.InputError(f"a {props.job_kind} job is still running: wait or cancel it first")
+    RT.local = (scene.name, worker)
+    _start(props, kind, "")
+    props.job_total = worker.num_frames
+    ensure_timer()
+
+
+def cancel(scene) -> None:
+    props = scene.ex4d
+    if not busy(props):
+        return
+    if RT.local is not None and RT.local[0] == scene.name:
+        _, worker = RT.local
+        RT.local = None
+        worker.finish()
+        props.job_state, props.job_message = "cancelled", f"{props.job_kind} cancelled"
+        post("WARNING", props.job_message)
+    elif props.job_id:
+        require_client().cancel(props.job_id)
+        props.job_stage = "cancelling"
+
+
+def _job_done(scene, result) -> None:
+    props = scene.ex4d
+    handler = RT.result_handlers.get(props.job_kind)
+    try:
+        msg = handler(scene, result) if handler else f"{props.job_kind} finished"
+    except errors.Ex4dError as e:
+        _job_failed(props, e)
+        return
+    props.job_state, props.job_stage, props.job_message = "done", "done", msg
+    props.job_step = props.job_total
+    post("INFO", msg)
+
+
+def _job_failed(props, e) -> None:
+    cancelled = isinstance(e, errors.Cancelled) or getattr(e, "code", "") == "cancelled"
+    props.job_state = "cancelled" if cancelled else "failed"
+    props.job_message = f"{props.job_kind} cancelled" if cancelled else f"{props.job_kind} failed: {e}"
+    post("WARNING" if cancelled else "ERROR", props.job_message)
+
+
+def poll_once(scene) -> None:
+    """One step of everything in flight for ``scene``; messages go to ``take_messages()``."""
+    props = scene.ex4d
+    if RT.local is not None and RT.local[0] == scene.name:
+        _, worker = RT.local
+        try:
+            more = worker.step()
+            props.job_stage, props.job_step = "rendering guides", worker.t
+            if not more:
+                RT.local = None
+                worker.finish()
+                _job_done(scene, worker)
+        except errors.Ex4dError as e:
+            RT.local = None
+            worker.finish()
+            _job_failed(props, e)
+    client = RT.client
+    if client is None:
+        return
+    try:
+        events = client.poll()
+    except errors.Ex4dError as e:
+        post("ERROR", str(e))
+        return
+    ErrorFor = protocol_client()._error_for
+    for ev in events:
+        if ev.type == "error" and ev.job_id is None:
+            post("ERROR", ev.header.get("message", "backend error"))
+            continue
+        if not ev.job_id or ev.job_id != props.job_id or not busy(props):
+            continue
+        if ev.type == "progress":
+            props.job_stage = str(ev.stage or "")
+            props.job_step, props.job_total = int(ev.step or 0), int(ev.total or 0)
+        elif ev.type == "result":
+            Result = protocol_client().Result
+            _job_done(scene, Result(dict(ev.header.get("params") or {}), ev.arrays, ev.job_id))
+        elif ev.type == "error":
+            _job_failed(props, ErrorFor(ev.header.get("code", "error"), ev.header.get("message", ""), ev.job_id))
+    alive = client.alive()
+    if not alive:
+        props.backend_state = f"no heartbeat from {props.address}"
+        if not RT.lost_reported:
+            RT.lost_reported = True
+            post("ERROR", f"the backend at {props.address} stopped answering (no heartbeat); "
+                          "restart `ex4d serve` and press Connect: running jobs are picked up again")
+    elif props.backend_state != "connected":
+        props.backend_state = "connected"
+        RT.lost_reported = False
+
+
+def progress_text(props) -> str:
+    if not props.job_state:
+        return ""
+    if props.job_state == "running":
+        if props.job_total:
+            return f"{props.job_kind}: {props.job_stage} {props.job_step}/{props.job_total}"
+        return f"{props.job_kind}: {props.job_stage}"
+    return props.job_message
+
+
+# --------------------------------------------------------------------------------------------------
+# timer
+# --------------------------------------------------------------------------------------------------
+
+
+def _redraw() -> None:
+    wm = bpy.context.window_manager
+    for window in getattr(wm, "windows", []):
+        for area in window.screen.areas:
+            if area.type in ("VIEW_3D", "SEQUENCE_EDITOR"):
+                area.tag_redraw()
+
+
+def _status_bar(text: str) -> None:
+    ws = getattr(bpy.context, "workspace", None)
+    if ws is not None:
+        try:
+            ws.status_text_set(text or None)
+        except (AttributeError, RuntimeError, TypeError):
+            pass
+
+
+def timer_step():
+    """bpy.app.timers callback: poll every scene with work in flight; None unregisters when idle."""
+    active = False
+    for scene in bpy.data.scenes:
+        props = scene.ex4d
+        if busy(props) or RT.client is not None:
+            poll_once(scene)
+            active = active or busy(props)
+            if busy(props):
+                _status_bar("EX-4D " + progress_text(props))
+    if RT.watchers == 0:
+        take_messages()  # already printed; the panel shows the last job message
+    if not active:
+        _status_bar("")
+    _redraw()
+    if RT.client is None and RT.local is None:
+        return None
+    return TIMER_BUSY_S if active else TIMER_IDLE_S
+
+
+def ensure_timer() -> None:
+    if not bpy.app.timers.is_registered(timer_step):
+        bpy.app.timers.register(timer_step, first_interval=TIMER_BUSY_S, persistent=True)
+
+
+def register():
+    pass
+
+
+def unregister():
+    if bpy.app.timers.is_registered(timer_step):
+        bpy.app.timers.unregister(timer_step)
+    if RT.local is not None:
+        RT.local[1].finish()
+        RT.local = None
+    disconnect()

@@ -1,0 +1,120 @@
+"""The "EX-4D" sidebar tab of the 3D viewport."""
+
+import bpy
+
+from . import jobs
+
+
+class _Panel:
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "EX-4D"
+
+
+class EX4D_PT_backend(_Panel, bpy.types.Panel):
+    bl_label = "Backend"
+    bl_idname = "EX4D_PT_backend"
+
+    def draw(self, context):
+        p = context.scene.ex4d
+        col = self.layout.column(align=True)
+        col.prop(p, "address", text="")
+        row = col.row(align=True)
+        connected = jobs.RT.client is not None
+        row.operator("ex4d.connect", text="Reconnect" if connected else "Connect", icon="LINKED")
+        if connected:
+            row.operator("ex4d.disconnect", text="", icon="UNLINKED")
+        ok = p.backend_state == "connected"
+        col.label(text=p.backend_state, icon="CHECKMARK" if ok else "ERROR" if connected else "BLANK1")
+        if p.capabilities:
+            for part in p.capabilities.split("; "):
+                col.label(text=part)
+
+
+class EX4D_PT_shot(_Panel, bpy.types.Panel):
+    bl_label = "Shot"
+    bl_idname = "EX4D_PT_shot"
+
+    def draw(self, context):
+        scene = context.scene
+        p = scene.ex4d
+        layout = self.layout
+        layout.operator("ex4d.import_video", icon="FILE_MOVIE")
+        if p.has_shot:
+            col = layout.column(align=True)
+            col.label(text=f"{p.shot_name}: {p.num_frames} frames at {p.width}x{p.height}")
+            col.label(text=f"focal {p.fx:.0f} px ({p.intrinsics_source})")
+        layout.prop(p, "output_dir")
+        row = layout.row()
+        row.enabled = p.has_shot and not jobs.busy(p)
+        row.operator("ex4d.reconstruct", icon="MESH_GRID")
+        if p.mesh is not None:
+            layout.label(text=f"{p.mesh.name}: paint '{'ex4d_valid'}' black to regenerate", icon="BRUSH_DATA")
+
+
+class EX4D_PT_camera(_Panel, bpy.types.Panel):
+    bl_label = "Camera"
+    bl_idname = "EX4D_PT_camera"
+
+    def draw(self, context):
+        p = context.scene.ex4d
+        layout = self.layout
+        layout.prop(p, "preset")
+        row = layout.row(align=True)
+        row.prop(p, "angle")
+        row.prop(p, "distance_factor")
+        op = layout.operator("ex4d.camera_preset", text="Key New Camera", icon="CAMERA_DATA")
+        op.preset, op.angle, op.distance_factor = p.preset, p.angle, p.distance_factor
+        op = layout.operator("ex4d.camera_preset", text="Key Active Camera", icon="CON_CAMERASOLVER")
+        op.preset, op.angle, op.distance_factor, op.use_active_camera = p.preset, p.angle, p.distance_factor, True
+        row = layout.row(align=True)
+        row.operator("ex4d.import_camera", text="Import Path", icon="IMPORT")
+        row.operator("ex4d.export_camera", text="Export Path", icon="EXPORT")
+
+
+class EX4D_PT_generate(_Panel, bpy.types.Panel):
+    bl_label = "Guides and Generation"
+    bl_idname = "EX4D_PT_generate"
+
+    def draw(self, context):
+        scene = context.scene
+        p = scene.ex4d
+        layout = self.layout
+        cam = scene.camera.name if scene.camera else "no active camera"
+        busy = jobs.busy(p)
+        row = layout.row()
+        row.enabled = not busy
+        row.operator("ex4d.render_guides", text=f"Render Guides ({cam})", icon="RENDER_ANIMATION")
+        layout.prop(p, "prompt")
+        layout.prop(p, "seed")
+        row = layout.row()
+        row.enabled = not busy and bool(p.guides_dir)
+        row.operator("ex4d.generate", icon="PLAY")
+        if p.job_state:
+            box = layout.box()
+            text = jobs.progress_text(p)
+            if busy and p.job_total:
+                if hasattr(box, "progress"):
+                    box.progress(factor=p.job_step / max(p.job_total, 1), type="BAR", text=text)
+                else:
+                    box.label(text=text)
+            else:
+                box.label(text=text, icon="ERROR" if p.job_state == "failed" else "INFO")
+            if busy:
+                box.operator("ex4d.cancel", icon="CANCEL")
+        row = layout.row()
+        row.enabled = bool(p.result_dir)
+        row.operator("ex4d.send_to_timeline", icon="SEQUENCE")
+
+
+CLASSES = (EX4D_PT_backend, EX4D_PT_shot, EX4D_PT_camera, EX4D_PT_generate)
+
+
+def register():
+    for c in CLASSES:
+        bpy.utils.register_class(c)
+
+
+def unregister():
+    for c in reversed(CLASSES):
+        bpy.utils.unregister_class(c)

@@ -1,0 +1,242 @@
+"""The steps of the workflow, callable from operators, scripts and tests (operators stay thin)."""
+
+import os
+import time
+
+import bpy
+import numpy as np
+
+from . import cameras, dwmesh, guides, jobs, timeline, video
+from ..core import camera, errors, shot as shotlib
+
+# Frames read at import, kept for Reconstruct (re-read from the movie after a reload).
+_FRAMES_CACHE = {}
+
+
+def _cache_key(props) -> tuple:
+    return (bpy.path.abspath(props.video_path), props.first_frame, props.num_frames, props.width, props.height)
+
+
+def output_dir(props) -> str:
+    d = bpy.path.abspath(props.output_dir or "//ex4d/")
+    if d.startswith("//") or not os.path.isabs(d):  # unsaved .blend: "//" has no folder yet
+        import tempfile
+
+        d = os.path.join(tempfile.gettempdir(), "ex4d", os.path.basename(os.path.normpath(d)) or "ex4d")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+# --------------------------------------------------------------------------------------------------
+# import
+# --------------------------------------------------------------------------------------------------
+
+
+def import_video(scene, filepath: str, first: int = 0, count: int = 0, width: int = 512, height: int = 512,
+                 focal_px: float = 0.0, fov_deg: float = 0.0, frame_start: int | None = None) -> dict:
+    """Read the frames, store the shot on the scene, set the scene's range, size and rate. Returns timings."""
+    props = scene.ex4d
+    t0 = time.perf_counter()
+    info = video.probe(filepath)
+    if count <= 0:
+        count = info["frames"] - first
+    if width <= 0 or height <= 0:
+        raise errors.InputError(f"working size must be positive, got {width}x{height}")
+    intr, source = shotlib.working_intrinsics(width, height, focal_px, fov_deg)
+    frames = video.read_frames(filepath, first, count, width, height)
+    t1 = time.perf_counter()
+    props.video_path = filepath
+    props.shot_name = shotlib.shot_name(filepath)
+    props.image = video.load_footage_image(filepath)
+    props.src_width, props.src_height = info["width"], info["height"]
+    props.first_frame, props.num_frames = first, count
+    props.width, props.height, props.fps = width, height, info["fps"]
+    props.fx, props.fy, props.cx, props.cy = intr.fx, intr.fy, intr.cx, intr.cy
+    props.intrinsics_source = source
+    props.frame_start = scene.frame_start if frame_start is None else frame_start
+    scene.frame_start, scene.frame_end = props.frame_start, props.frame_start + count - 1
+    scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = width, height, 100
+    if info["fps"] > 0:
+        scene.render.fps, scene.render.fps_base = max(1, round(info["fps"])), max(1, round(info["fps"])) / info["fps"]
+    _FRAMES_CACHE.clear()
+    _FRAMES_CACHE[_cache_key(props)] = frames
+    return {"read_s": t1 - t0, "frames": count, "intrinsics": source}
+
+
+def shot_frames(props) -> np.ndarray:
+    key = _cache_key(props)
+    if key not in _FRAMES_CACHE:
+        _FRAMES_CACHE.clear()
+        _FRAMES_CACHE[key] = video.read_frames(props.video_path, props.first_frame, props.num_frames, props.width, props.height)
+    return _FRAMES_CACHE[key]
+
+
+def require_shot(props) -> None:
+    if not props.has_shot:
+        raise errors.InputError("import a video first (EX-4D tab > Import Video)")
+
+
+# --------------------------------------------------------------------------------------------------
+# reconstruct
+# --------------------------------------------------------------------------------------------------
+
+
+def read_depth_file(path: str, props) -> dict:
+    """The depth file's content (the add-on reads it; the backend never gets a path): depth (+ K)."""
+    p = bpy.path.abspath(path)
+    if not os.path.isfile(p):
+        raise errors.DepthError(f"depth file not found: {p}")
+    if not p.lower().endswith((".npz", ".npy")):
+        raise errors.DepthError(f"{p}: the add-on reads .npz/.npy depth (depth float32 (T,H,W)); convert other formats with the CLI")
+    try:
+        data = np.load(p, allow_pickle=False)
+        if isinstance(data, np.ndarray):
+            depth, K = data, None
+        else:
+            if "depth" not in data:
+                raise errors.DepthError(f"{p}: no 'depth' array in the file")
+            depth, K = data["depth"], data["K"] if "K" in data else None
+    except (OSError, ValueError) as e:
+        raise errors.DepthError(f"{p}: not a readable numpy file ({e})") from None
+    depth = np.asarray(depth, dtype=np.float32)
+    if depth.ndim == 2:
+        depth = depth[None]
+    if depth.ndim != 3 or len(depth) < props.first_frame + props.num_frames and len(depth) != props.num_frames:
+        raise errors.DepthError(f"{p}: depth has shape {depth.shape}, the shot needs {props.num_frames} frames (T,H,W)")
+    if len(depth) != props.num_frames:
+        depth = depth[props.first_frame: props.first_frame + props.num_frames]
+    out = {"depth": np.ascontiguousarray(depth)}
+    if K is not None:
+        out["depth_K"] = np.asarray(K, dtype=np.float64)
+    return out
+
+
+def submit_reconstruct(scene, depth_path: str = "") -> str:
+    props = scene.ex4d
+    require_shot(props)
+    arrays = {"frames": shot_frames(props)}
+    if depth_path:
+        arrays.update(read_depth_file(depth_path, props))
+    K = cameras.shot_K(props)
+    params = {"K": K.tolist(), "width": props.width, "height": props.height, "fps": props.fps, "name": props.shot_name}
+    arrays["K"] = K.astype(np.float64)
+    return jobs.submit(scene, "reconstruct", params, arrays)
+
+
+def apply_reconstruct(scene, result) -> str:
+    props = scene.ex4d
+    a = result.arrays
+    missing = [k for k in ("vertices", "faces", "uv") if k not in a]
+    if missing:
+        raise errors.ProtocolError(f"the backend's reconstruct result lacks {', '.join(missing)}")
+    vertices, faces, uv = a["vertices"], a["faces"], a["uv"]
+    T = len(vertices)
+    face_valid = a.get("face_valid")
+    if face_valid is None:
+        face_valid = np.ones((T, len(faces)), dtype=bool)
+    if "K" in a or "K" in result.params:
+        K = np.asarray(a.get("K", result.params.get("K")), dtype=np.float64).reshape(-1, 3, 3)[0]
+        props.fx, props.fy, props.cx, props.cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+    depth0 = a["depth"][0] if "depth" in a else -np.asarray(vertices[0])[:, 2]
+    d = depth0[np.isfinite(depth0) & (depth0 > 0)]
+    props.depth_min, props.depth_median = float(d.min()), float(np.median(d))
+    crop = shotlib.FillCrop(props.src_width, props.src_height, props.width, props.height)
+    rig = dwmesh.ensure_rig(scene, f"EX4D Rig {props.shot_name}")
+    old = props.mesh
+    obj = dwmesh.create_dwmesh_object(scene, props.shot_name, rig, vertices, faces, crop.uv_to_source(uv), face_valid,
+                                      props.image, props.frame_start, props.first_frame)
+    if old is not None and old.name in bpy.data.objects:
+        bpy.data.objects.remove(old)
+    props.rig, props.mesh = rig, obj
+    if props.source_camera is None:
+        props.source_camera = dwmesh.create_source_camera(scene, props.shot_name, rig, cameras.shot_K(props), props.width, props.height)
+    if scene.camera is None:
+        scene.camera = props.source_camera
+    return f"DW-mesh '{obj.name}': {len(vertices[0])} vertices, {len(faces)} faces, {T} frames"
+
+
+# --------------------------------------------------------------------------------------------------
+# camera moves
+# --------------------------------------------------------------------------------------------------
+
+
+def key_preset(scene, preset: str, cam_obj=None, angle_deg: float = 30.0, distance_factor: float = 0.0):
+    props = scene.ex4d
+    require_shot(props)
+    path = cameras.preset(props, preset, angle_deg, distance_factor)
+    if cam_obj is None:
+        cam_obj = cameras.new_camera(scene, f"EX4D {preset} {props.shot_name}")
+    cameras.key_path(cam_obj, path, props.frame_start, cameras.rig_world(props))
+    scene.camera = cam_obj
+    return cam_obj, path
+
+
+# --------------------------------------------------------------------------------------------------
+# guides, generation
+# --------------------------------------------------------------------------------------------------
+
+
+def shot_dir(props, cam_name: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in cam_name)
+    return os.path.join(output_dir(props), f"{props.shot_name}_{safe}")
+
+
+def start_guides(scene, cam_obj=None):
+    props = scene.ex4d
+    require_shot(props)
+    cam_obj = cam_obj or scene.camera
+    if props.mesh is None or props.mesh.name not in scene.objects:
+        raise errors.InputError("no DW-mesh in the scene: reconstruct the shot first")
+    out = os.path.join(shot_dir(props, cam_obj.name if cam_obj else "camera"), "guides")
+    worker = guides.GuideRender(scene, [props.mesh], cam_obj, out, props.frame_start, props.num_frames, props.width, props.height)
+    # the camera path beside the guides, for the CLI (ex4d ... --camera cameras.json)
+    cameras.export_transforms(scene, props, cam_obj, os.path.join(os.path.dirname(out), f"cameras_{props.shot_name}.json"))
+    props.guides_dir, props.guides_camera = out, cam_obj.name
+    jobs.start_local(scene, "guides", worker)
+    return worker
+
+
+def apply_guides(scene, worker) -> str:
+    return f"guides rendered: {worker.num_frames} frames from '{worker.camera.name}' in {worker.out_dir}"
+
+
+def submit_generate(scene) -> str:
+    props = scene.ex4d
+    require_shot(props)
+    if not props.guides_dir:
+        raise errors.InputError("render the guides first (EX-4D tab > Render Guides)")
+    color, mask = guides.load_guides(props.guides_dir, props.num_frames)
+    params = {"prompt": props.prompt, "seed": props.seed, "fps": props.fps, "name": f"{props.shot_name}_{props.guides_camera}"}
+    arrays = {"color": color, "mask": mask, "source_frame": shot_frames(props)[0]}
+    return jobs.submit(scene, "generate", params, arrays)
+
+
+def apply_generate(scene, result) -> str:
+    """Write the generated frames as a PNG sequence (lossless; Blender plays it as an image strip)."""
+    props = scene.ex4d
+    frames = result.arrays.get("frames")
+    if frames is None:
+        raise errors.ProtocolError("the backend's generate result has no 'frames'")
+    out = os.path.join(os.path.dirname(props.guides_dir.rstrip(os.sep)) or shot_dir(props, props.guides_camera), "shot")
+    os.makedirs(out, exist_ok=True)
+    for t, rgb in enumerate(np.asarray(frames, dtype=np.uint8)):
+        video.save_png_rgb(os.path.join(out, f"shot_{t + 1:04d}.png"), rgb)
+    props.result_dir = out
+    return f"generated {len(frames)} frames into {out}"
+
+
+def send_to_timeline(scene, with_guides: bool = False, with_source: bool = False) -> list:
+    props = scene.ex4d
+    require_shot(props)
+    if not props.result_dir:
+        raise errors.InputError("generate the shot first (EX-4D tab > Generate)")
+    n, fs = props.num_frames, props.frame_start
+    made = [timeline.add_image_sequence(scene, f"{props.shot_name} {props.guides_camera}", props.result_dir, "shot_", n, fs)]
+    if with_guides and props.guides_dir:
+        made.append(timeline.add_image_sequence(scene, f"{props.shot_name} {props.guides_camera} guide", props.guides_dir, "color_", n, fs))
+    if with_source:
+        made.append(timeline.add_movie(scene, f"{props.shot_name} source", props.video_path, props.first_frame, n, fs))
+    return made
+
+
+jobs.RT.result_handlers.update(reconstruct=apply_reconstruct, guides=apply_guides, generate=apply_generate)
