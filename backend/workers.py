@@ -272,24 +272,77 @@ def _depth_for(engine: Engine, params: dict, arrays: dict, frames: np.ndarray, p
 
 
 def mesh_arrays(mesh) -> dict[str, np.ndarray]:
-    """A DW-mesh as the arrays of a ``reconstruct`` result."""
+    """A DW-mesh as the arrays of a ``reconstruct`` result (the four DESIGN.md arrays + the two extras the
+    renderer uses, so that a ``render`` job given them back renders exactly what the library renders)."""
     out = {
         "vertices": _np(mesh.vertices).astype(np.float32, copy=False),
         "faces": _np(mesh.faces).astype(np.int32, copy=False),
         "uv": _np(mesh.uv).astype(np.float32, copy=False),
         "face_valid": _np(mesh.face_valid).astype(np.bool_, copy=False),
     }
-    vv = getattr(mesh, "vertex_valid", None)
-    if vv is not None:
-        out["vertex_valid"] = _np(vv).astype(np.bool_, copy=False)
+    for name, dtype in (("vertex_alpha", np.float32), ("vertex_pixel", np.int64)):
+        value = getattr(mesh, name, None)
+        if value is not None:
+            out[name] = _np(value).astype(dtype, copy=False)
     return out
 
 
-def mesh_from_arrays(arrays: Mapping[str, np.ndarray]):
-    """The DW-mesh object the renderer takes, from ``render`` job arrays."""
-    from ex4d import dwmesh
+def mesh_from_arrays(arrays: Mapping[str, np.ndarray], params: dict, size: tuple[int, int], source_K: np.ndarray):
+    """The DW-mesh object the renderer takes, from ``render`` job arrays.
 
-    return dwmesh.DWMesh.from_arrays(**{k: np.array(arrays[k]) for k in ("vertices", "faces", "uv", "face_valid", "vertex_valid") if k in arrays})
+    Optional arrays: ``vertex_alpha`` (T,V) float or ``vertex_valid`` (T,V)/(V,) bool (default all ones),
+    ``vertex_pixel`` (V,) (default: the source pixel under each vertex's uv), ``source_K`` (3,3)/(T,3,3)
+    (default: the first camera's K).
+    """
+    import torch
+
+    from ex4d.dwmesh import DWMesh, DWMeshConfig
+
+    H, W = size
+    verts = np.asarray(arrays["vertices"], dtype=np.float32)
+    T, V = verts.shape[:2]
+    faces = np.asarray(arrays["faces"])
+    uv = np.asarray(arrays["uv"], dtype=np.float32)
+    face_valid = np.asarray(arrays["face_valid"])
+    if uv.shape != (V, 2):
+        raise InputError(f"uv must be (V,2) with V={V}, got {uv.shape}")
+    if face_valid.shape != (T, len(faces)):
+        raise InputError(f"face_valid must be (T,F) = {(T, len(faces))}, got {face_valid.shape}")
+    if faces.size and (faces.min() < 0 or faces.max() >= V):
+        raise InputError(f"faces index vertices outside 0..{V - 1}")
+    if not np.isfinite(verts).all():
+        raise InputError("vertices contain NaN or infinite values")
+    if "vertex_alpha" in arrays:
+        alpha = np.asarray(arrays["vertex_alpha"], dtype=np.float32)
+    elif "vertex_valid" in arrays:
+        alpha = np.broadcast_to(np.asarray(arrays["vertex_valid"], dtype=np.float32), (T, V))
+    else:
+        alpha = np.ones((T, V), np.float32)
+    if alpha.shape != (T, V):
+        raise InputError(f"vertex_alpha / vertex_valid must be (T,V) = {(T, V)}, got {alpha.shape}")
+    if "vertex_pixel" in arrays:
+        vpix = np.asarray(arrays["vertex_pixel"], dtype=np.int64)
+        if vpix.shape != (V,) or (vpix.size and (vpix.min() < 0 or vpix.max() >= H * W)):
+            raise InputError(f"vertex_pixel must be (V,) indices below {H * W}")
+    else:  # the pixel whose centre the uv points at (u = x/W, v = 1 - y/H)
+        col = np.clip(np.round(uv[:, 0] * W - 0.5), 0, W - 1).astype(np.int64)
+        row = np.clip(np.round((1.0 - uv[:, 1]) * H - 0.5), 0, H - 1).astype(np.int64)
+        vpix = row * W + col
+    K = np.asarray(arrays["source_K"] if "source_K" in arrays else source_K, dtype=np.float64)
+    K = np.broadcast_to(K, (T, 3, 3)).copy() if K.shape == (3, 3) else K
+    if K.shape != (T, 3, 3):
+        raise InputError(f"source_K must be (3,3) or (T,3,3), got {K.shape}")
+    return DWMesh(
+        vertices=torch.from_numpy(verts.copy()),
+        faces=torch.from_numpy(faces.astype(np.int32)),
+        uv=torch.from_numpy(uv.copy()),
+        face_valid=torch.from_numpy(face_valid.astype(np.bool_)),
+        vertex_alpha=torch.from_numpy(np.ascontiguousarray(alpha)),
+        vertex_pixel=torch.from_numpy(vpix),
+        size=(H, W),
+        K=K,
+        config=DWMeshConfig(method=params.get("mesh_method", "ours")),
+    )
 
 
 @handler("reconstruct")
@@ -335,9 +388,14 @@ def run_render(engine: Engine, params: dict, arrays: dict, progress, cancel):
     frames = np.ascontiguousarray(arrays["frames"])
     T, H, W = frames.shape[:3]
     K = arrays.get("K")
-    intr = Intrinsics.from_K(np.asarray(K if K is not None and K.ndim == 2 else (K[0] if K is not None else params["K"])), W, H)
+    if K is None:
+        if "K" not in params:
+            raise InputError("render needs the cameras' intrinsics: a 'K' array (T,3,3) or (3,3)")
+        K = np.asarray(params["K"], dtype=np.float64)
+    K = np.asarray(K, dtype=np.float64)
+    intr = Intrinsics.from_K(K if K.ndim == 2 else K[0], int(params.get("width", W)), int(params.get("height", H)))
     path = _camera_path(params, arrays, frames, intr)
-    mesh = mesh_from_arrays(arrays)
+    mesh = mesh_from_arrays(arrays, params, (H, W), path.K[0])
     guides = render_path(mesh, frames, path, rasterizer=params.get("renderer", engine.renderer), device=engine.device,
                          progress=progress, cancel=cancel)
     return {"width": W, "height": H}, {"color": _np(guides.color), "mask": _np(guides.mask)}
