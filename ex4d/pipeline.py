@@ -85,6 +85,7 @@ def load_shot_inputs(
     depth_scale: float | None = None,
     depth_model: str | None = None,
     depth_weights: str | os.PathLike | None = None,
+    median_depth: float | None = None,
     num_frames: int | None = None,
     size: tuple[int, int] | None = None,
     fit: str = "resize",
@@ -98,7 +99,8 @@ def load_shot_inputs(
 
     ``num_frames`` None = every frame of the clip. ``size`` None = the source size rounded to even.
     ``focal`` is in pixels of the source video. Depth comes from ``depth`` (a file) or, without one,
-    from ``depth_model`` with weights in ``depth_weights``.
+    from ``depth_model`` with weights in ``depth_weights`` (relative depth; ``median_depth`` rescales the
+    clip so its median z-depth is that many units).
     """
     from .depth.files import check_depth, depth_K_at_video_size, fit_depth, load_depth
     from .video import fit_frames, fit_intrinsics, fit_box, probe_video, read_video
@@ -110,6 +112,8 @@ def load_shot_inputs(
             "no depth given: pass --depth FILE (.npz with 'depth' (T,H,W), a 16-bit PNG folder or OpenEXR Z pass) "
             "or estimate it with --depth-model NAME --depth-weights DIR"
         )
+    if median_depth is not None and (depth_model is None or not (np.isfinite(median_depth) and median_depth > 0)):
+        raise InputError("--median-depth needs --depth-model and a positive number of units")
     if depth_model is not None and depth_weights is None:
         raise InputError(f"--depth-model {depth_model} needs --depth-weights DIR (the folder with its checkpoint)")
     if num_frames is not None and num_frames < 1:
@@ -136,34 +140,39 @@ def load_shot_inputs(
     if progress:
         progress("read video", 1, 1)
 
-    file_K = None
     if data is not None:
         depth_arr = check_depth(data.depth, T, (h, w), source=data.source, allow_longer=num_frames is not None)
         depth_arr = fit_depth(depth_arr, (w, h), W, H, fit)
-        file_K = depth_K_at_video_size(data, (w, h))
+        intr, intr_source = resolve_intrinsics(
+            w, h, focal_px=focal, fov_deg=fov, file_K=depth_K_at_video_size(data, (w, h)), file_size=(w, h)
+        )
+        intr = fit_intrinsics(intr, W, H, fit)
         depth_source = data.source
     else:
-        depth_arr = _predict_depth(frames, depth_model, depth_weights, device, progress)
+        # the model sees the working-size frames; a K it predicts is already at the working size
+        depth_arr, model_K = _predict_depth(frames, depth_model, depth_weights, device, median_depth, progress, cancel)
+        if focal is not None or fov is not None or model_K is None:
+            intr, intr_source = resolve_intrinsics(w, h, focal_px=focal, fov_deg=fov)
+            intr = fit_intrinsics(intr, W, H, fit)
+        else:
+            intr, intr_source = Intrinsics.from_K(model_K, W, H), f"depth model {depth_model}"
         depth_source = f"depth model {depth_model}"
-    intr, intr_source = resolve_intrinsics(w, h, focal_px=focal, fov_deg=fov, file_K=file_K, file_size=(w, h))
-    intr = fit_intrinsics(intr, W, H, fit)
     return ShotInputs(frames, depth_arr, intr, clip.fps, intr_source, depth_source, (info.width, info.height))
 
 
-def _predict_depth(frames, name, weights_dir, device, progress) -> np.ndarray:
+def _predict_depth(frames, name, weights_dir, device, median_depth, progress, cancel) -> tuple[np.ndarray, np.ndarray | None]:
+    """Depth (and K, if the model predicts one) from a depth model, at the frames' size."""
     from .depth.files import check_depth, fit_depth
     from .depth.models import load_depth_model  # torch: imported only when a model is asked for
 
     T, H, W = frames.shape[:3]
-    model = load_depth_model(name, weights_dir, device)
-    if progress:
-        progress("depth", 0, 1)
-    depth = np.asarray(model.predict(frames), dtype=np.float32)
-    if progress:
-        progress("depth", 1, 1)
+    model = load_depth_model(name, weights_dir, device, median_depth=median_depth)
+    pred = model.predict(frames, progress=progress, cancel=cancel)
+    depth = np.asarray(getattr(pred, "depth", pred), dtype=np.float32)
+    K = getattr(pred, "K", None)
     if depth.ndim == 3 and depth.shape[1:] != (H, W):
         depth = fit_depth(depth, (depth.shape[2], depth.shape[1]), W, H, "resize")
-    return check_depth(depth, T, (H, W), source=f"depth model {name}")
+    return check_depth(depth, T, (H, W), source=f"depth model {name}"), (None if K is None else np.asarray(K, np.float64))
 
 
 # --------------------------------------------------------------------------------------------------

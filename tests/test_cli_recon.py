@@ -234,3 +234,38 @@ def test_out_is_a_file(tmp_path, tiny_clip, capsys):
     code, _, err = run_cli(["recon", tiny_clip.video, "--depth", tiny_clip.depth_file, "--out", out, "--quiet"], capsys)
     assert code == 2 and "not a folder" in err
     assert out.read_text() == "a file"
+
+
+@pytest.mark.slow
+def test_recon_with_depth_model(tmp_path, tiny_clip, capsys):
+    """--depth-model through the depth helper's real loader, on a tiny random-initialised Depth Anything
+    V2 (transformers classes, saved as the public checkpoint folders are laid out)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("ex4d.depth.models.depth_anything_v2", reason="depth models not there yet")
+    weights = tmp_path / "Depth-Anything-V2-Small-hf"
+    backbone = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                                         patch_size=14, image_size=56, out_indices=[1, 2, 3, 4], apply_layernorm=True,
+                                         reshape_hidden_states=False)
+    cfg = transformers.DepthAnythingConfig(backbone_config=backbone, fusion_hidden_size=16, neck_hidden_sizes=[8, 16, 32, 32],
+                                           head_hidden_size=8, reassemble_hidden_size=32)
+    transformers.DepthAnythingForDepthEstimation(cfg).save_pretrained(weights)
+    (weights / "preprocessor_config.json").write_text(json.dumps({
+        "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225], "keep_aspect_ratio": True, "ensure_multiple_of": 14, "resample": 3,
+        "rescale_factor": 1 / 255, "size": {"height": 56, "width": 56}, "image_processor_type": "DPTImageProcessor"}))
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["recon", tiny_clip.video, "--depth-model", "depth-anything-v2-small", "--depth-weights", weights,
+                                 "--median-depth", "3", "--cam", "zoom_in", "--device", "cpu", "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+    assert "intrinsics: EX-4D default" in stdout  # a depth model gives no intrinsics: say what was assumed
+    for pattern in GUIDE_FILES:
+        assert (out / pattern.format(n="zoom_in")).is_file()
+
+
+def test_depth_model_without_weights(tmp_path, tiny_clip, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_cli(["recon", tiny_clip.video, "--depth-model", "depth-anything-v2-small", "--out", out, "--quiet"], capsys)
+    assert code == 2 and "--depth-weights" in err and not out.exists()
+    code, _, err = run_cli(["recon", tiny_clip.video, "--depth-model", "depth-anything-v2-small", "--depth-weights",
+                            tmp_path / "missing", "--out", out, "--quiet"], capsys)
+    assert code == 2 and err.rstrip().splitlines()[-1].startswith("error:") and not out.exists()

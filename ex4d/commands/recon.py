@@ -51,6 +51,7 @@ def add_recon_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--depth-scale", type=float, metavar="S", help="units per stored step (16-bit PNG default 0.001 = mm -> m; others 1)")
     d.add_argument("--depth-model", metavar="NAME", help="estimate depth with this model instead of --depth")
     d.add_argument("--depth-weights", metavar="DIR", help="folder with the depth model's weights")
+    d.add_argument("--median-depth", type=float, metavar="UNITS", help="with --depth-model: scale the (relative) depth so its median is this many units (default: the model mapping's own units)")
 
     c = p.add_argument_group("camera")
     cam = c.add_mutually_exclusive_group()
@@ -128,7 +129,7 @@ def _recon_or_run(args, generate: bool) -> int:
     try:
         inputs = load_shot_inputs(
             args.video, depth=args.depth, depth_scale=args.depth_scale, depth_model=args.depth_model,
-            depth_weights=args.depth_weights, num_frames=args.frames, size=size, fit=args.fit,
+            depth_weights=args.depth_weights, median_depth=args.median_depth, num_frames=args.frames, size=size, fit=args.fit,
             focal=args.focal, fov=args.fov, device=args.device, progress=progress,
         )
         path = make_camera_path(
