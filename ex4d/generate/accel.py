@@ -211,7 +211,16 @@ def _set_submodule(root: torch.nn.Module, dotted: str, new: torch.nn.Module) -> 
 
 
 def convert_blocks_to_fp8(dit: torch.nn.Module, names=FP8_LINEARS) -> int:
-    """Replace the token-wise linears of every block by :class:`Fp8Linear` (frees their bf16 weights)."""
+    """Replace the token-wise linears of every block by :class:`Fp8Linear` (frees their bf16 weights).
+
+    LoRA adapters (peft) are folded into their base weights first (the generation package's
+    ``merge_lora`` when present), so the FP8 weights carry the adapter."""
+    try:
+        from .adapter import merge_lora
+    except ImportError:  # the generation package is optional here: per-module merge below
+        merge_lora = None
+    if merge_lora is not None and any(hasattr(m, "lora_A") for m in dit.modules()):
+        merge_lora(dit)
     count = 0
     for block in dit.blocks:
         for name in names:
@@ -398,3 +407,33 @@ def cfg_noise_pred(model_fn, dit, *, latents, timestep, context_posi, context_ne
         posi = model_fn(dit=dit, latents=latents, timestep=timestep, context=context_posi, **shared)
         nega = model_fn(dit=dit, latents=latents, timestep=timestep, context=context_nega, **shared)
     return nega + cfg_scale * (posi - nega)
+
+
+def install_cfg_batch(pipe) -> None:
+    """Make an ``Ex4dPipeline`` predict both CFG branches in one batch-2 forward.
+
+    Sets ``pipe.predict_noise`` on the instance (the pipeline's seam; its class is untouched). The
+    pipeline's ``model_fn`` broadcasts batch-1 latents/y/clip/video tokens over a batch-2 context."""
+    def predict_noise(latents, timestep, cond):
+        kwargs = dict(dit=pipe.dit, latents=latents.to(pipe.torch_dtype),
+                      timestep=timestep.to(dtype=pipe.torch_dtype, device=pipe.device),
+                      clip_feature=cond.clip_feature, y=cond.y, video_tokens=cond.video_tokens)
+        if cond.negative_context is None or cond.cfg == 1.0:
+            return pipe.model_fn(context=cond.context, **kwargs).float()
+        if cond.context.shape != cond.negative_context.shape:  # cannot batch: two passes, as the release
+            posi = pipe.model_fn(context=cond.context, **kwargs).float()
+            nega = pipe.model_fn(context=cond.negative_context, **kwargs).float()
+        else:
+            posi, nega = pipe.model_fn(context=torch.cat([cond.context, cond.negative_context]), **kwargs).float().chunk(2)
+        return nega + cond.cfg * (posi - nega)
+
+    pipe.predict_noise = predict_noise
+
+
+def accelerate_pipeline(pipe, levers=DEFAULT_LEVERS + ("cfg_batch",), **kw) -> LeverReport:
+    """:func:`apply_speed_levers` on ``pipe.dit`` plus batched CFG on the pipeline's noise prediction."""
+    report = apply_speed_levers(pipe.dit, [lv for lv in levers if lv != "cfg_batch"], **kw)
+    if "cfg_batch" in levers:
+        install_cfg_batch(pipe)
+        report.applied.append("cfg_batch")
+    return report

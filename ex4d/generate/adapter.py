@@ -211,6 +211,15 @@ def load_adapter(dit: nn.Module, encoder: nn.Module, state: dict[str, torch.Tens
     return AdapterReport(str(path), layout, len(lora_state), len(encoder_state), count)
 
 
+@torch.no_grad()
+def randomize_adapter_(dit: nn.Module, encoder: nn.Module, seed: int = 0, scale: float = 0.02) -> None:
+    """Fill the LoRA and encoder tensors in place with seeded random values (benchmarks: no file, no copy)."""
+    for index, (name, p) in enumerate([*((n, p) for n, p in dit.named_parameters() if "lora_" in n),
+                                       *encoder.named_parameters()]):
+        generator = torch.Generator(p.device).manual_seed(seed * 100003 + index)
+        p.data = (torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32) * scale).to(p.dtype)
+
+
 def adapter_state_dict(dit: nn.Module, encoder: nn.Module, layout: str = "flat") -> dict[str, torch.Tensor]:
     """The tensors a release-style checkpoint holds for this model (used to synthesise test files)."""
     lora = {n: p.detach().cpu().clone() for n, p in dit.named_parameters() if "lora_" in n}

@@ -82,6 +82,8 @@ def apply_memory_mode(pipe, mode: str, vram_limit_gb: float | None = None) -> No
 
     if mode == "offload":
         limit = default_vram_limit_gb(device) if vram_limit_gb is None else vram_limit_gb
+        if torch.device(device).type != "cuda":
+            limit = None  # diffsynth measures free memory with CUDA calls only
         config = dict(offload_dtype=dtype, offload_device="cpu", onload_dtype=dtype, onload_device="cpu",
                       preparing_dtype=dtype, preparing_device=device, computation_dtype=dtype, computation_device=device)
         for name in ("dit", "text_encoder", "image_encoder", "vae"):

@@ -149,3 +149,43 @@ class BlockOffloader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class ModuleSwapper:
+    """Keep a frozen module's weights in pinned host memory and put them on the GPU only while it is used
+    (e.g. the 11 GB umT5 text encoder, needed once per shot). ``with swapper.on_device(): ...``"""
+
+    def __init__(self, module: torch.nn.Module, device):
+        self.module = module
+        self.device = torch.device(device)
+        pin = self.device.type == "cuda"
+        self._tensors = [t for _, t in _block_tensors(module)]
+        self._host = []
+        for t in self._tensors:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+            host.copy_(t.detach())
+            t.data = host
+            self._host.append(host)
+        if pin:
+            torch.cuda.empty_cache()
+
+    def onload(self) -> None:
+        for t, host in zip(self._tensors, self._host):
+            t.data = host.to(self.device, non_blocking=True)
+
+    def offload(self) -> None:
+        for t, host in zip(self._tensors, self._host):
+            t.data = host  # the GPU copies are freed (weights are frozen: nothing to copy back)
+
+    def on_device(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            self.onload()
+            try:
+                yield self.module
+            finally:
+                self.offload()
+
+        return ctx()

@@ -102,6 +102,23 @@ class Ex4dPipeline(_pipeline_base()):
         self.in_iteration_models = ("dit", "condition_encoder")
         self.adapter_report = None
 
+    def load_models_to_device(self, model_names) -> None:
+        """diffsynth's stage switching (offload models not in use, onload those in use), also on CPU."""
+        if not self.vram_management_enabled:
+            return
+        for name, model in self.named_children():
+            if not getattr(model, "vram_management_enabled", False):
+                continue
+            action = "onload" if name in model_names else "offload"
+            if hasattr(model, action):
+                getattr(model, action)()
+            else:
+                for module in model.modules():
+                    if hasattr(module, action):
+                        getattr(module, action)()
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.empty_cache()
+
     # -- encoders -----------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -191,6 +208,8 @@ class Ex4dPipeline(_pipeline_base()):
         self.load_models_to_device(self.in_iteration_models)
         latents = noise.float()
         total = total_steps or steps
+        if progress is not None:
+            progress("denoise", step_offset, total)
         for index, timestep in enumerate(self.scheduler.timesteps):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("generation cancelled")
@@ -234,14 +253,16 @@ def assemble_pipeline(components, *, device: str | torch.device, dtype: torch.dt
                       adapter_path: str = "<memory>", memory_mode: str = "resident", lora: bool = True,
                       vram_limit_gb: float | None = None) -> Ex4dPipeline:
     """Put components into an Ex4dPipeline: LoRA, strict adapter load, then the memory mode."""
-    from .adapter import add_lora, load_adapter
+    from .adapter import add_lora, load_adapter, randomize_adapter_
     from .memory import apply_memory_mode
 
     pipe = Ex4dPipeline(device=device, torch_dtype=dtype)
     dit = components.dit
     if lora:
         dit = add_lora(dit)
-    if adapter_state is not None:
+    if isinstance(adapter_state, str) and adapter_state == "random":
+        randomize_adapter_(dit, components.condition_encoder, seed=0)
+    elif adapter_state is not None:
         pipe.adapter_report = load_adapter(dit, components.condition_encoder, adapter_state, adapter_path)
     pipe.dit = dit
     pipe.text_encoder = components.text_encoder

@@ -1,0 +1,134 @@
+"""``ex4d generate``: fill a guide video (colour + validity mask) into a finished shot.
+
+Only the parser is built at import time; numpy/torch/diffsynth are imported inside :func:`cmd_generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="colour guide + mask video -> generated shot (draft | ex4d | tiny)",
+        description="Fill the holes of a guide render (color_<name>.mp4 + mask_<name>.mp4, or a render_<name>.npz) "
+        "with a generator: 'ex4d' (Wan2.1-I2V-14B-480P + the EX-4D adapter, local weights), 'draft' (classical "
+        "fill on the CPU) or 'tiny' (random test model). Defaults follow the EX-4D release (25 steps, CFG 5, "
+        "seed 0, its fixed prompt).",
+    )
+    src = p.add_argument_group("input (either both videos or one guides .npz)")
+    src.add_argument("--color-video", metavar="MP4", help="colour guide video (holes may be any colour)")
+    src.add_argument("--mask-video", metavar="MP4", help="mask video, white = valid guide pixel, black = to generate")
+    src.add_argument("--guides", metavar="NPZ", help="render_<name>.npz with 'color' (T,H,W,3) uint8 and 'mask' (T,H,W) bool (lossless)")
+    p.add_argument("--out", required=True, metavar="MP4", help="output video (written atomically)")
+    p.add_argument("--generator", default="ex4d", choices=("ex4d", "draft", "tiny"), help="default ex4d")
+    p.add_argument("--models", metavar="DIR", help="weights folder laid out as the releases (default $EX4D_MODELS or ./models)")
+    p.add_argument("--memory-mode", default="resident", choices=("resident", "offload", "fp8"),
+                   help="ex4d: resident (all on the GPU, ~48 GB), offload (layers streamed from CPU RAM), fp8 (DiT weights stored in FP8)")
+    p.add_argument("--device", help="torch device (default cuda when available, else cpu)")
+    p.add_argument("--prompt", help="text prompt (default: the release's fixed prompt)")
+    p.add_argument("--steps", type=int, help="denoising steps (default 25)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: noise and mask erosion (default 0)")
+    p.add_argument("--frames", type=int, metavar="N", help="use only the first N frames")
+    p.add_argument("--size", metavar="WxH", help="resize the guides to this size first (the release uses 512x512)")
+    p.add_argument("--mask-threshold", type=float, default=0.5, help="grey mask pixels above this share of white count as valid (default 0.5, the release's)")
+    p.add_argument("--strict-mask", action="store_true", help="refuse a mask video that is not strictly black/white")
+    p.add_argument("--fps", type=float, help="output frame rate (default: the colour video's; 15 for a .npz)")
+    p.set_defaults(func=cmd_generate)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    from ..errors import InputError
+
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--size must look like 512x512, got {text!r}") from None
+    if w < 16 or h < 16:
+        raise InputError(f"--size must be at least 16x16, got {text}")
+    return w, h
+
+
+def load_guides(args) -> tuple:
+    """-> (colour (T,H,W,3) uint8, mask (T,H,W) bool, fps) from the arguments, checked."""
+    import numpy as np
+
+    from ..errors import InputError
+    from ..generate.conditioning import mask_from_gray
+    from ..video import read_video
+
+    if args.guides:
+        if args.color_video or args.mask_video:
+            raise InputError("give either --guides or --color-video with --mask-video, not both")
+        try:
+            with np.load(args.guides) as data:
+                color, mask = np.asarray(data["color"]), np.asarray(data["mask"])
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"cannot read guides {args.guides}: {e}") from None
+        if mask.dtype != np.bool_:
+            mask = mask_from_gray(mask, args.mask_threshold, args.strict_mask)
+        fps = 15.0
+    else:
+        if not (args.color_video and args.mask_video):
+            raise InputError("give --color-video and --mask-video (or --guides NPZ)")
+        colour_video = read_video(args.color_video)
+        mask_video = read_video(args.mask_video)
+        color, fps = colour_video.frames, colour_video.fps
+        if mask_video.frames.shape[0] != color.shape[0]:
+            raise InputError(f"the colour video has {color.shape[0]} frames but the mask video has {mask_video.frames.shape[0]}")
+        if mask_video.frames.shape[1:3] != color.shape[1:3]:
+            (h, w), (mh, mw) = color.shape[1:3], mask_video.frames.shape[1:3]
+            raise InputError(f"the colour video is {w}x{h} but the mask video is {mw}x{mh}")
+        mask = mask_from_gray(mask_video.frames, args.mask_threshold, args.strict_mask)
+    if args.frames is not None:
+        if args.frames < 1:
+            raise InputError(f"--frames must be at least 1, got {args.frames}")
+        if args.frames > color.shape[0]:
+            raise InputError(f"--frames {args.frames} asks for more frames than the guides have ({color.shape[0]})")
+        color, mask = color[: args.frames], mask[: args.frames]
+    if color.dtype != np.uint8 or color.ndim != 4 or color.shape[-1] != 3:
+        raise InputError(f"colour guides must be uint8 (T,H,W,3), got {color.dtype} {color.shape}")
+    if mask.shape != color.shape[:3]:
+        raise InputError(f"mask {mask.shape} does not match the colour guides {color.shape[:3]}")
+    if args.size:
+        import cv2
+
+        w, h = parse_size(args.size)
+        color = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in color])
+        mask = np.stack([cv2.resize(f.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) for f in mask]) > 0
+    return np.ascontiguousarray(color), np.ascontiguousarray(mask), fps
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ..generate import load_generator
+
+    color, mask, fps = load_guides(args)
+    generator = load_generator(args.generator, models_dir=args.models, device=args.device, memory_mode=args.memory_mode)
+
+    from tqdm import tqdm
+
+    bars: dict = {}
+
+    def progress(stage: str, step: int, total: int, preview=None) -> None:
+        if stage not in ("denoise", "fill"):
+            return
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=False)
+        bar.n = step
+        bar.refresh()
+
+    try:
+        out = generator.generate(color, mask, prompt=args.prompt, seed=args.seed, steps=args.steps, cfg=args.cfg,
+                                 progress=progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    from ..video import write_video
+
+    path = write_video(args.out, out, fps=args.fps or fps)
+    print(f"wrote {path} ({out.shape[0]} frames, {out.shape[2]}x{out.shape[1]}, generator {args.generator})")
+    return 0
