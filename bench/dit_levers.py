@@ -121,6 +121,43 @@ def rel_err(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
 
 
+def attention_micro(cfg, tokens, B):
+    """ms per self-attention call at the DiT's shape, per SDPA backend and q/k/v layout."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    heads, hd = cfg["num_heads"], cfg["dim"] // cfg["num_heads"]
+    out = {}
+    base = torch.randn(3, 1, tokens, heads, hd, device=B.device, dtype=torch.bfloat16)
+    layouts = {"bsnd_transposed": [t.transpose(1, 2) for t in base], "bnsd_contiguous": [t.transpose(1, 2).contiguous() for t in base]}
+    backends = {"default": None, "flash": [SDPBackend.FLASH_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION],
+                "efficient": [SDPBackend.EFFICIENT_ATTENTION]}
+    for lname, (q, k, v) in layouts.items():
+        for bname, bk in backends.items():
+            def call():
+                if bk is None:
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                with sdpa_kernel(bk):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            try:
+                _, t = B.time_fn(call, 10)
+                out[f"{lname}/{bname}"] = t["step_s"] * 1000
+            except Exception as e:  # noqa: BLE001
+                out[f"{lname}/{bname}"] = f"{type(e).__name__}: {str(e)[:100]}"
+        try:
+            _, t = B.time_fn(lambda: accel.sdpa_cudnn(q, k, v), 10)
+            out[f"{lname}/aten_cudnn_direct"] = t["step_s"] * 1000
+        except Exception as e:  # noqa: BLE001
+            out[f"{lname}/aten_cudnn_direct"] = f"{type(e).__name__}: {str(e)[:100]}"
+    try:
+        from torch.nn.attention import _cur_sdpa_kernel_backends  # noqa: F401
+    except Exception:  # noqa: BLE001
+        pass
+    out["flags"] = dict(flash=torch.backends.cuda.flash_sdp_enabled(), cudnn=torch.backends.cuda.cudnn_sdp_enabled(),
+                        mem_efficient=torch.backends.cuda.mem_efficient_sdp_enabled())
+    print("attention micro (ms):", json.dumps(out), flush=True)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "dit_levers.json"))
@@ -134,6 +171,9 @@ def main():
     p.add_argument("--phases", default="all")
     p.add_argument("--budget-s", type=float, default=540, help="skip remaining phases after this many seconds")
     p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--profile", default="ref,cudnn+fused_rope+cfg_batch+compile,ours: cudnn+fused_rope+cfg_batch+compile+fp8",
+                   help="phases to profile (one step, top GPU kernels)")
+    p.add_argument("--attn-micro", action="store_true", help="time SDPA backends at the model's attention shape")
     args = p.parse_args()
     if args.tiny:
         args.frames, args.size = min(args.frames, 9), min(args.size, 64)
@@ -187,6 +227,8 @@ def main():
                 if i == 0:
                     out, timing = B.time_fn(fn, args.reps)
                     entry.update(timing)
+                    if args.profile and name in args.profile.split(","):
+                        entry["profile_top"] = profile(fn, name)
                 else:
                     out = fn()
                 outs.append(out.detach().clone())
@@ -205,6 +247,25 @@ def main():
             traceback.print_exc()
         B.save()
 
+    def profile(fn, name):
+        if not B.cuda:
+            return None
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        with prof(activities=[ProfilerActivity.CUDA]) as pr:
+            fn()
+            B.sync()
+        ka = pr.key_averages()
+        key = "self_device_time_total" if hasattr(next(iter(ka)), "self_device_time_total") else "self_cuda_time_total"
+        rows = sorted(ka, key=lambda e: getattr(e, key), reverse=True)[:18]
+        total = sum(getattr(e, key) for e in ka)
+        top = [dict(kernel=e.key[:110], ms=getattr(e, key) / 1000, calls=e.count) for e in rows]
+        print(f"profile {name}: total GPU {total/1000:.1f} ms", flush=True)
+        for r in top:
+            print(f"  {r['ms']:9.2f} ms {r['calls']:5d}x  {r['kernel']}", flush=True)
+        return dict(total_ms=total / 1000, top=top)
+
     def _with(ctx_factory, fn):
         with ctx_factory():
             return fn()
@@ -214,6 +275,9 @@ def main():
 
         return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
 
+    if args.attn_micro and B.cuda:
+        B.report["attention_micro"] = attention_micro(cfg, tokens, B)
+        B.save()
     # 1. the reference: diffsynth untouched, two CFG passes, default SDPA.
     phase("ref", batched=False)
     if "ref" not in B.report["phases"] or "step_s" not in B.report["phases"]["ref"]:
@@ -247,7 +311,8 @@ def main():
             return
         print(f"--- {name}", flush=True)
         off = None
-        total = torch.cuda.get_device_properties(B.device).total_memory
+        dev_index = B.device.index if B.device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(dev_index).total_memory
         try:
             torch.cuda.empty_cache()
             resident = resident_fn()
@@ -255,7 +320,7 @@ def main():
             off = offload.BlockOffloader(dit.blocks, B.device, resident=resident) if resident < len(dit.blocks) else None
             setup_s = time.time() - t
             torch.cuda.empty_cache()
-            torch.cuda.set_per_process_memory_fraction(cap_gib * GiB / total, B.device)
+            torch.cuda.set_per_process_memory_fraction(cap_gib * GiB / total, dev_index)
             out, timing = B.time_fn(step_fn(True, timesteps[0]), args.reps)
             entry = dict(timing, cap_gib=cap_gib, resident_blocks=resident, streamed_blocks=len(dit.blocks) - resident,
                          offload_setup_s=setup_s, cosine_vs_ref=[cosine(out, reference[0])],
@@ -266,7 +331,7 @@ def main():
             B.report["phases"][name] = {"error": f"{type(e).__name__}: {e}"[:2000], "cap_gib": cap_gib}
             traceback.print_exc()
         finally:
-            torch.cuda.set_per_process_memory_fraction(1.0, B.device)
+            torch.cuda.set_per_process_memory_fraction(1.0, dev_index)
             if off is not None:
                 off.close(restore_to=B.device)
             torch.cuda.empty_cache()
