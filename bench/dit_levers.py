@@ -174,6 +174,7 @@ def main():
     p.add_argument("--profile", default="ref,cudnn+fused_rope+cfg_batch+compile,ours: cudnn+fused_rope+cfg_batch+compile+fp8",
                    help="phases to profile (one step, top GPU kernels)")
     p.add_argument("--attn-micro", action="store_true", help="time SDPA backends at the model's attention shape")
+    p.add_argument("--truth", action="store_true", help="also compare every lever with an fp32 run of the same weights")
     args = p.parse_args()
     if args.tiny:
         args.frames, args.size = min(args.frames, 9), min(args.size, 64)
@@ -183,8 +184,36 @@ def main():
     from diffsynth.pipelines.wan_video import model_fn_wan_video
 
     t = time.time()
-    dit = build_dit(cfg, B.device, dtype)
+    truth: list = []
     inputs = make_inputs(cfg, B.device, dtype, args.frames, args.size, args.size)
+    if args.truth:
+        # fp32 "truth" on the same weights: build in fp32, predict, then cast the model to bf16 in place.
+        try:
+            dit = build_dit(cfg, B.device, torch.float32)
+            in32 = {k: v.float() for k, v in inputs.items()}
+            outs, conds = [], []
+            with torch.no_grad():
+                for s_ in args.timesteps.split(","):
+                    ts = torch.tensor([float(s_)], device=B.device)
+                    o, c, _ = accel.cfg_noise_pred(model_fn_wan_video, dit, latents=in32["latents"], timestep=ts,
+                                                   context_posi=in32["context_posi"], context_nega=in32["context_nega"],
+                                                   cfg_scale=args.cfg_scale, batched=False, return_branches=True,
+                                                   clip_feature=in32["clip_feature"], y=in32["y"])
+                    outs.append(o.clone())
+                    conds.append(c.clone())
+            truth[:] = [outs, conds]
+            dit = dit.to(dtype)
+            B.report["notes"].append(f"fp32 truth computed in {time.time() - t:.1f} s; model cast to bf16 after")
+        except Exception as e:  # noqa: BLE001
+            B.report["notes"].append(f"fp32 truth failed: {type(e).__name__}: {str(e)[:300]}")
+            truth.clear()
+            dit = None
+            if B.cuda:
+                torch.cuda.empty_cache()
+    else:
+        dit = None
+    if dit is None:
+        dit = build_dit(cfg, B.device, dtype)
     B.sync()
     tokens = inputs["latents"].shape[2] * inputs["latents"].shape[3] * inputs["latents"].shape[4] // 4
     B.report["config"] = dict(
@@ -202,10 +231,11 @@ def main():
             with torch.no_grad():
                 return accel.cfg_noise_pred(model_fn_wan_video, dit, latents=inputs["latents"], timestep=ts,
                                             context_posi=inputs["context_posi"], context_nega=inputs["context_nega"],
-                                            cfg_scale=args.cfg_scale, batched=batched, **shared)
+                                            cfg_scale=args.cfg_scale, batched=batched, return_branches=True, **shared)
         return run
 
     reference: list[torch.Tensor] = []
+    reference_cond: list[torch.Tensor] = []
     phases = args.phases.split(",") if args.phases != "all" else None
 
     def phase(name, batched, ctx=None):
@@ -218,24 +248,30 @@ def main():
         print(f"--- {name}", flush=True)
         try:
             entry = {}
-            outs = []
+            outs, conds = [], []
             for i, ts in enumerate(timesteps):
                 fn = step_fn(batched, ts)
                 if ctx is not None:
                     fn0 = fn
                     fn = lambda fn0=fn0: _with(ctx, fn0)  # noqa: E731
                 if i == 0:
-                    out, timing = B.time_fn(fn, args.reps)
+                    (out, cond, _), timing = B.time_fn(fn, args.reps)
                     entry.update(timing)
                     if args.profile and name in args.profile.split(","):
                         entry["profile_top"] = profile(fn, name)
                 else:
-                    out = fn()
+                    out, cond, _ = fn()
                 outs.append(out.detach().clone())
+                conds.append(cond.detach().clone())
             entry["finite"] = all(bool(torch.isfinite(o).all()) for o in outs)
+            if truth:
+                entry["cosine_vs_fp32"] = [cosine(o, r) for o, r in zip(outs, truth[0])]
+                entry["cosine_cond_vs_fp32"] = [cosine(o, r) for o, r in zip(conds, truth[1])]
             if not reference:
                 reference.extend(outs)
+                reference_cond.extend(conds)
             else:
+                entry["cosine_cond_vs_ref"] = [cosine(o, r) for o, r in zip(conds, reference_cond)]
                 entry["cosine_vs_ref"] = [cosine(o, r) for o, r in zip(outs, reference)]
                 entry["rel_err_vs_ref"] = [rel_err(o, r) for o, r in zip(outs, reference)]
                 ref_s = B.report["phases"]["ref"]["step_s"]
@@ -321,7 +357,7 @@ def main():
             setup_s = time.time() - t
             torch.cuda.empty_cache()
             torch.cuda.set_per_process_memory_fraction(cap_gib * GiB / total, dev_index)
-            out, timing = B.time_fn(step_fn(True, timesteps[0]), args.reps)
+            (out, _, _), timing = B.time_fn(step_fn(True, timesteps[0]), args.reps)
             entry = dict(timing, cap_gib=cap_gib, resident_blocks=resident, streamed_blocks=len(dit.blocks) - resident,
                          offload_setup_s=setup_s, cosine_vs_ref=[cosine(out, reference[0])],
                          speedup_vs_ref=B.report["phases"]["ref"]["step_s"] / timing["step_s"])
@@ -357,7 +393,12 @@ def main():
     ok, why = accel.fp8_supported(B.device)
     if ok:
         accel.unpatch_block_forwards(dit)
-        n = accel.convert_blocks_to_fp8(dit)
+        n = accel.convert_blocks_to_fp8(dit, names=("ffn.0", "ffn.2"))
+        torch.cuda.empty_cache()
+        accel.patch_block_forwards(dit, attention=attention, compile_blocks=True, compile_backend=args.compile_backend)
+        phase("cudnn+fused_rope+cfg_batch+compile+fp8(FFN only)", batched=True)
+        accel.unpatch_block_forwards(dit)
+        n += accel.convert_blocks_to_fp8(dit)
         torch.cuda.empty_cache()
         B.report["notes"].append(f"fp8: converted {n} linears")
         accel.patch_block_forwards(dit, attention=attention)

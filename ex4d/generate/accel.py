@@ -388,7 +388,7 @@ def apply_speed_levers(target, levers=DEFAULT_LEVERS, *, device=None, compile_mo
 
 
 def cfg_noise_pred(model_fn, dit, *, latents, timestep, context_posi, context_nega, cfg_scale: float,
-                   batched: bool = True, **shared):
+                   batched: bool = True, return_branches: bool = False, **shared):
     """Classifier-free-guided noise prediction, ``nega + cfg_scale * (posi - nega)``.
 
     ``batched`` runs both branches as one batch-2 forward (both contexts must have the same length, as
@@ -406,7 +406,8 @@ def cfg_noise_pred(model_fn, dit, *, latents, timestep, context_posi, context_ne
     else:
         posi = model_fn(dit=dit, latents=latents, timestep=timestep, context=context_posi, **shared)
         nega = model_fn(dit=dit, latents=latents, timestep=timestep, context=context_nega, **shared)
-    return nega + cfg_scale * (posi - nega)
+    combined = nega + cfg_scale * (posi - nega)
+    return (combined, posi, nega) if return_branches else combined
 
 
 def install_cfg_batch(pipe) -> None:
