@@ -23,6 +23,10 @@ from . import dwmesh, video
 from ..core import errors, validity
 
 
+# Workbench's "Attribute" colour type: identifier VERTEX in Blender 4.x/5.x ("ATTRIBUTE" in some builds).
+_ATTRIBUTE_COLOR = "VERTEX" if "VERTEX" in bpy.types.View3DShading.bl_rna.properties["color_type"].enum_items else "ATTRIBUTE"
+
+
 class SceneSettings:
     """Set attributes on Blender structs and put the old values back later."""
 
@@ -115,7 +119,7 @@ class GuideRender:
             mesh = obj.data
             dwmesh.update_mask_attribute(mesh, t)
             mesh.color_attributes.active_color_name = validity.MASK_ATTR
-        mask = self._render_pass(sh, "ATTRIBUTE", f"mask_{t + 1:04d}.png")
+        mask = self._render_pass(sh, _ATTRIBUTE_COLOR, f"mask_{t + 1:04d}.png")
         mask = np.where(mask[..., 0] > 127, 255, 0).astype(np.uint8)
         video.save_png_rgb(os.path.join(self.out_dir, f"mask_{t + 1:04d}.png"), np.repeat(mask[..., None], 3, axis=2))
         for obj in self.meshes:

@@ -51,15 +51,18 @@ def take_messages() -> list:
 
 
 def capabilities_text(caps: dict) -> str:
-    gens = caps.get("generators") or []
-    if isinstance(gens, dict):
-        gens = list(gens)
-    devs = caps.get("devices") or caps.get("gpus") or []
-    parts = [f"protocol {caps.get('protocol', caps.get('v', '?'))}"]
-    if gens:
-        parts.append("generators: " + ", ".join(map(str, gens)))
-    if devs:
-        parts.append("devices: " + ", ".join(str(d.get("name", d)) if isinstance(d, dict) else str(d) for d in devs))
+    """One line per fact, joined with '; ' (the panel splits them)."""
+    parts = [str(caps.get("server", f"protocol {caps.get('protocol', '?')}"))]
+    if caps.get("generator"):
+        parts.append(f"generator: {caps['generator']}")
+    gpus = caps.get("gpus") or []
+    dev = caps.get("device") or ", ".join(map(str, caps.get("devices") or []))
+    if gpus:
+        dev += " (" + ", ".join(str(g.get("name", g)) if isinstance(g, dict) else str(g) for g in gpus) + ")"
+    if dev:
+        parts.append(f"device: {dev}")
+    if "max_queue" in caps:
+        parts.append(f"queue: {caps.get('queue', 0)}/{caps['max_queue']}")
     return "; ".join(parts)
 
 
@@ -105,6 +108,10 @@ def reattach(scene) -> None:
     props = scene.ex4d
     try:
         result = RT.client.fetch(props.job_id, timeout_s=HELLO_TIMEOUT_S)
+    except errors.ConnectionLost as e:  # no answer yet: the job may still be fine, keep it
+        props.job_stage = "waiting for the backend"
+        post("WARNING", f"could not ask the backend about the {props.job_kind} job yet ({e}); press Connect again")
+        return
     except errors.Ex4dError as e:
         _job_failed(props, e)
         return
@@ -197,7 +204,7 @@ def poll_once(scene) -> None:
                 RT.local = None
                 worker.finish()
                 _job_done(scene, worker)
-        except errors.Ex4dError as e:
+        except Exception as e:  # a failed render must never leave the job "running" (UI stuck)
             RT.local = None
             worker.finish()
             _job_failed(props, e)

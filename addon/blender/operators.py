@@ -88,9 +88,11 @@ class EX4D_OT_reconstruct(_JobOperator, bpy.types.Operator):
 
     depth_file: StringProperty(name="Depth file", subtype="FILE_PATH", default="",
                                description="Optional .npz with depth (T,H,W) float32 (+ K); empty = the backend estimates depth")
+    depth_model: StringProperty(name="Depth model", default="",
+                                description="Depth model on the backend when no depth file is given (see its capabilities)")
 
     def execute(self, context):
-        ok, job = _run(self, workflow.submit_reconstruct, context.scene, self.depth_file)
+        ok, job = _run(self, workflow.submit_reconstruct, context.scene, self.depth_file, self.depth_model)
         return {"FINISHED"} if ok else {"CANCELLED"}
 
 

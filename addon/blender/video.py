@@ -84,10 +84,11 @@ def read_frames(filepath: str, first: int, count: int, width: int, height: int) 
     scene = bpy.data.scenes.new("ex4d_reader")
     tmp = tempfile.mkdtemp(prefix="ex4d_frames_")
     try:
+        r = scene.render
+        # before adding the strip: its FILL transform is computed from the resolution at creation
+        r.resolution_x, r.resolution_y, r.resolution_percentage = int(width), int(height), 100
         se = scene.sequence_editor_create()
         strips(se).new_movie("source", path, 1, 1, fit_method="FILL")
-        r = scene.render
-        r.resolution_x, r.resolution_y, r.resolution_percentage = int(width), int(height), 100
         r.use_sequencer = True
         r.image_settings.file_format = "PNG"
         r.image_settings.color_mode = "RGB"

@@ -111,15 +111,21 @@ def read_depth_file(path: str, props) -> dict:
     return out
 
 
-def submit_reconstruct(scene, depth_path: str = "") -> str:
+def submit_reconstruct(scene, depth_path: str = "", depth_model: str = "") -> str:
     props = scene.ex4d
     require_shot(props)
     arrays = {"frames": shot_frames(props)}
     if depth_path:
-        arrays.update(read_depth_file(depth_path, props))
-    K = cameras.shot_K(props)
-    params = {"K": K.tolist(), "width": props.width, "height": props.height, "fps": props.fps, "name": props.shot_name}
-    arrays["K"] = K.astype(np.float64)
+        depth = read_depth_file(depth_path, props)
+        arrays["depth"] = depth["depth"]
+        if "depth_K" in depth and props.intrinsics_source.startswith("EX-4D default"):
+            dh, dw = depth["depth"].shape[1:]
+            intr = camera.Intrinsics.from_K(depth["depth_K"], dw, dh).resized(props.width, props.height)
+            props.fx, props.fy, props.cx, props.cy = intr.fx, intr.fy, intr.cx, intr.cy
+            props.intrinsics_source = "depth file"
+    params = {"K": cameras.shot_K(props).tolist(), "name": props.shot_name}
+    if depth_model:
+        params["depth_model"] = depth_model
     return jobs.submit(scene, "reconstruct", params, arrays)
 
 
@@ -207,7 +213,7 @@ def submit_generate(scene) -> str:
         raise errors.InputError("render the guides first (EX-4D tab > Render Guides)")
     color, mask = guides.load_guides(props.guides_dir, props.num_frames)
     params = {"prompt": props.prompt, "seed": props.seed, "fps": props.fps, "name": f"{props.shot_name}_{props.guides_camera}"}
-    arrays = {"color": color, "mask": mask, "source_frame": shot_frames(props)[0]}
+    arrays = {"color": color, "mask": mask}
     return jobs.submit(scene, "generate", params, arrays)
 
 

@@ -1,0 +1,299 @@
+"""The whole artist workflow, run inside the bpy environment against a real backend.
+
+    .venv-blender/bin/python tests/blender/workflow.py -- ZIP VIDEO DEPTH ADDRESS DEAD_ADDRESS BACKEND_PID OUT_DIR
+
+Every step goes through the add-on's operators (bpy.ops.ex4d.*) where one exists; the timer step is
+pumped by hand because the bpy module runs no event loop. Findings -> OUT_DIR/workflow.json (+ npz).
+"""
+
+import os
+import signal
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import bpy  # noqa: E402
+import numpy as np  # noqa: E402
+
+import harness  # noqa: E402
+
+ZIP, VIDEO, DEPTH, ADDRESS, DEAD, BACKEND_PID, OUT = harness.args()[:7]
+R = {"steps": {}}
+T0 = time.perf_counter()
+
+
+def step(name):
+    def deco(fn):
+        t = time.perf_counter()
+        try:
+            out = fn() or {}
+            out["ok"] = True
+        except Exception as e:  # recorded for the pytest side, which asserts on it
+            out = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+        out["seconds"] = time.perf_counter() - t
+        R["steps"][name] = out
+        harness.write_json(os.path.join(OUT, "workflow.json"), R)
+        return fn
+
+    return deco
+
+
+mod, install_s = harness.install(ZIP)
+R["install_s"] = install_s
+R["operators"] = sorted(dir(bpy.ops.ex4d))
+jobs = harness.sub("blender.jobs")
+workflow = harness.sub("blender.workflow")
+dwmesh = harness.sub("blender.dwmesh")
+bcams = harness.sub("blender.cameras")
+core = harness.sub("core")
+camera = core.camera
+scene = bpy.context.scene
+props = scene.ex4d
+captured = {}
+_orig_apply = dict(jobs.RT.result_handlers)
+
+
+def call(op, **kw):
+    """Run an operator; an ERROR report raises RuntimeError in background mode: return it as text."""
+    try:
+        return sorted(op(**kw)), None
+    except RuntimeError as e:
+        return ["CANCELLED"], str(e)
+
+
+def capture(kind):
+    def handler(sc, result):
+        captured[kind] = result
+        return _orig_apply[kind](sc, result)
+
+    return handler
+
+
+jobs.RT.result_handlers.update(reconstruct=capture("reconstruct"), generate=capture("generate"))
+
+
+@step("connect_dead_backend")
+def _():
+    props.address = DEAD
+    t = time.perf_counter()
+    res, msg = call(bpy.ops.ex4d.connect)
+    took = time.perf_counter() - t
+    return {"result": res, "took_s": took, "message": msg, "state": props.backend_state}
+
+
+@step("connect")
+def _():
+    props.address = ADDRESS
+    res = bpy.ops.ex4d.connect()
+    return {"result": sorted(res), "capabilities": props.capabilities, "state": props.backend_state}
+
+
+@step("import_video")
+def _():
+    props.output_dir = os.path.join(OUT, "ex4d_out") + os.sep
+    res = bpy.ops.ex4d.import_video(filepath=VIDEO, first_frame=0, num_frames=9, width=64, height=48, fov_deg=60.0)
+    frames = workflow.shot_frames(props)
+    np.save(os.path.join(OUT, "frames_blender.npy"), frames)
+    return {"result": sorted(res), "num_frames": props.num_frames, "size": [props.width, props.height],
+            "fx": props.fx, "frame_range": [scene.frame_start, scene.frame_end], "frames_shape": list(frames.shape)}
+
+
+@step("reconstruct")
+def _():
+    res = bpy.ops.ex4d.reconstruct(depth_file=DEPTH)
+    took = harness.pump(scene, lambda: props.job_state != "running", 120)
+    r = captured["reconstruct"]
+    np.savez(os.path.join(OUT, "mesh.npz"), **r.arrays)
+    obj = props.mesh
+    me = obj.data
+    V, F = len(r.arrays["vertices"][0]), len(r.arrays["faces"])
+    uv = np.empty(len(me.loops) * 2, np.float32)
+    me.uv_layers["ex4d_uv"].data.foreach_get("uv", uv)
+    crop = core.shot.FillCrop(props.src_width, props.src_height, props.width, props.height)
+    uv_expected = crop.uv_to_source(r.arrays["uv"])[r.arrays["faces"].ravel()]
+    errs = []
+    dg = bpy.context.evaluated_depsgraph_get()
+    for t in range(props.num_frames):
+        scene.frame_set(props.frame_start + t)
+        dg = bpy.context.evaluated_depsgraph_get()
+        pos = dwmesh.evaluated_positions(obj, dg)
+        errs.append(float(np.abs(pos - r.arrays["vertices"][t]).max()))
+    words = dwmesh.auto_words(me)
+    fv = core.validity.unpack(words, props.num_frames)
+    return {"result": sorted(res), "state": props.job_state, "message": props.job_message, "took_s": took,
+            "V": V, "F": F, "mesh_vertices": len(me.vertices), "mesh_faces": len(me.polygons),
+            "uv_err": float(np.abs(uv.reshape(-1, 2) - uv_expected).max()), "pos_err_per_frame": errs,
+            "validity_equal": bool((fv == r.arrays["face_valid"]).all()),
+            "has_paint_attr": "ex4d_valid" in me.color_attributes, "source_camera": props.source_camera.name,
+            "source_lens": props.source_camera.data.lens, "depth_min": props.depth_min, "depth_median": props.depth_median}
+
+
+@step("camera_presets")
+def _():
+    out = {}
+    rig = np.array(props.rig.matrix_world)
+    for name in ("30", "60", "90", "180", "orbit_left", "zoom_in", "zoom_out", "dolly_right"):
+        res = bpy.ops.ex4d.camera_preset(preset=name)
+        cam = scene.camera
+        got = bcams.read_path(scene, cam, props.frame_start, props.num_frames, props.width, props.height, rig)
+        want = bcams.preset(props, name, 30.0, 0.0)
+        out[name] = {"result": sorted(res), "camera": cam.name, "max_err": float(np.abs(got.c2w - want.c2w).max()),
+                     "K_err": float(np.abs(got.K - want.K).max()), "keyed": cam.animation_data is not None}
+    return out
+
+
+@step("transforms_round_trip")
+def _():
+    cam = bpy.data.objects[R["steps"]["camera_presets"]["30"]["camera"]]
+    scene.camera = cam
+    a = os.path.join(OUT, "cameras_a.json")
+    b = os.path.join(OUT, "cameras_b.json")
+    bpy.ops.ex4d.export_camera(filepath=a)
+    res = bpy.ops.ex4d.import_camera(filepath=a)
+    imported = scene.camera
+    bpy.ops.ex4d.export_camera(filepath=b)
+    pa, pb = camera.read_transforms(a), camera.read_transforms(b)
+    scene.camera = cam
+    return {"result": sorted(res), "imported": imported.name, "c2w_err": float(np.abs(pa.c2w - pb.c2w).max()),
+            "K_err": float(np.abs(pa.K - pb.K).max()), "frames": len(pa)}
+
+
+@step("render_guides")
+def _():
+    cam = bpy.data.objects[R["steps"]["camera_presets"]["30"]["camera"]]
+    scene.camera = cam
+    bpy.ops.ex4d.export_camera(filepath=os.path.join(OUT, "guide_camera.json"))
+    engine_before = scene.render.engine
+    res = bpy.ops.ex4d.render_guides()
+    took = harness.pump(scene, lambda: props.job_state != "running", 120, sleep_s=0)
+    color, mask = harness.sub("blender.guides").load_guides(props.guides_dir, props.num_frames)
+    np.savez(os.path.join(OUT, "guides_blender.npz"), color=color, mask=mask)
+    return {"result": sorted(res), "state": props.job_state, "message": props.job_message, "took_s": took,
+            "per_frame_s": took / props.num_frames, "engine_restored": scene.render.engine == engine_before,
+            "mask_fraction": float(mask.mean()), "dir": props.guides_dir}
+
+
+@step("painted_validity")
+def _():
+    me = props.mesh.data
+    t = props.num_frames - 1
+    before = dwmesh.frame_face_mask(me, t)
+    attr = me.color_attributes["ex4d_valid"]
+    col = np.ones((len(me.vertices), 4), np.float32)
+    co = np.empty(len(me.vertices) * 3, np.float32)
+    me.vertices.foreach_get("co", co)
+    left = co.reshape(-1, 3)[:, 0] < np.median(co.reshape(-1, 3)[:, 0])
+    col[left, :3] = 0.0  # the artist paints the left half black: regenerate it
+    attr.data.foreach_set("color", col.ravel())
+    after = dwmesh.frame_face_mask(me, t)
+    worker = workflow.start_guides(scene)
+    harness.pump(scene, lambda: props.job_state != "running", 120, sleep_s=0)
+    _, mask = harness.sub("blender.guides").load_guides(props.guides_dir, props.num_frames)
+    attr.data.foreach_set("color", np.ones(len(me.vertices) * 4, np.float32))
+    ref = np.load(os.path.join(OUT, "guides_blender.npz"))["mask"]
+    workflow.start_guides(scene)  # put the unpainted guides back for Generate
+    harness.pump(scene, lambda: props.job_state != "running", 120, sleep_s=0)
+    return {"faces_valid_before": int(before.sum()), "faces_valid_after": int(after.sum()),
+            "mask_px_before": int(ref.sum()), "mask_px_after": int(mask.sum()),
+            "left_half_after": int(mask[:, :, : props.width // 2].sum()), "state": props.job_state}
+
+
+@step("generate")
+def _():
+    res = bpy.ops.ex4d.generate()
+    seen = set()
+
+    def until():
+        seen.add((props.job_stage, props.job_step))
+        return props.job_state != "running"
+
+    took = harness.pump(scene, until, 300)
+    frames = captured["generate"].arrays["frames"]
+    return {"result": sorted(res), "state": props.job_state, "message": props.job_message, "took_s": took,
+            "progress_seen": sorted(map(list, seen)), "frames_shape": list(frames.shape), "result_dir": props.result_dir,
+            "files": sorted(os.listdir(props.result_dir))}
+
+
+@step("send_to_timeline")
+def _():
+    res = bpy.ops.ex4d.send_to_timeline(with_guides=True, with_source=True)
+    se = scene.sequence_editor
+    coll = se.strips if hasattr(se, "strips") else se.sequences
+    return {"result": sorted(res), "strips": [
+        {"name": s.name, "type": s.type, "channel": s.channel, "start": s.frame_final_start, "end": s.frame_final_end}
+        for s in coll], "scene_range": [scene.frame_start, scene.frame_end]}
+
+
+@step("cancel_remote")
+def _():
+    color, mask = harness.sub("blender.guides").load_guides(props.guides_dir, props.num_frames)
+    jobs.submit(scene, "generate", {"steps": 400, "seed": 1}, {"color": color, "mask": mask})
+    time.sleep(0.3)
+    t = time.perf_counter()
+    res = bpy.ops.ex4d.cancel()
+    took = harness.pump(scene, lambda: props.job_state != "running", 60)
+    return {"result": sorted(res), "state": props.job_state, "message": props.job_message, "took_s": took,
+            "cancel_to_stop_s": time.perf_counter() - t}
+
+
+@step("cancel_local")
+def _():
+    workflow.start_guides(scene)
+    jobs.poll_once(scene)
+    res = bpy.ops.ex4d.cancel()
+    return {"result": sorted(res), "state": props.job_state, "engine": scene.render.engine}
+
+
+@step("reattach_after_reload")
+def _():
+    color, mask = harness.sub("blender.guides").load_guides(props.guides_dir, props.num_frames)
+    job = jobs.submit(scene, "generate", {"seed": 2}, {"color": color, "mask": mask})
+    props.job_kind = "generate"
+    bpy.ops.ex4d.disconnect()
+    path = os.path.join(OUT, "shot.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=path)
+    bpy.ops.wm.open_mainfile(filepath=path)
+    sc = bpy.context.scene
+    p = sc.ex4d
+    out = {"job_id_kept": p.job_id == job, "state_after_load": p.job_state}
+    errs = []
+    obj = p.mesh
+    ref = np.load(os.path.join(OUT, "mesh.npz"))["vertices"]
+    for t in range(p.num_frames):
+        sc.frame_set(p.frame_start + t)
+        pos = dwmesh.evaluated_positions(obj, bpy.context.evaluated_depsgraph_get())
+        errs.append(float(np.abs(pos - ref[t]).max()))
+    out["pos_err_after_reload"] = errs
+    res = bpy.ops.ex4d.connect()
+    harness.pump(sc, lambda: p.job_state != "running", 300)
+    out.update(result=sorted(res), state=p.job_state, message=p.job_message)
+    return out
+
+
+@step("backend_dies")
+def _():
+    sc = bpy.context.scene
+    p = sc.ex4d
+    os.kill(int(BACKEND_PID), signal.SIGTERM)
+    t = time.perf_counter()
+    jobs.take_messages()
+    noticed = None
+    while time.perf_counter() - t < 15:
+        jobs.poll_once(sc)
+        if p.backend_state != "connected":
+            noticed = time.perf_counter() - t
+            break
+        time.sleep(0.2)
+    msgs = jobs.take_messages()
+    t = time.perf_counter()
+    res, err = call(bpy.ops.ex4d.generate)
+    return {"noticed_after_s": noticed, "state": p.backend_state, "messages": msgs, "generate_result": res, "generate_error": err,
+            "generate_took_s": time.perf_counter() - t, "job_state": p.job_state}
+
+
+R["total_s"] = time.perf_counter() - T0
+harness.write_json(os.path.join(OUT, "workflow.json"), R)
+jobs.disconnect()
+print("workflow done in %.1f s" % R["total_s"])

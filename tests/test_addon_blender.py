@@ -1,0 +1,151 @@
+"""The add-on in real Blender (PyPI bpy in .venv-blender), installed from the built zip, against a real
+backend process (`ex4d serve --generator tiny`). One Blender run does the whole workflow (startup is the
+expensive part); each test checks one promise from its findings."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from addon_fixtures import Backend, build_zip, free_port, needs_blender, run_blender, synthetic_shot
+
+pytestmark = [needs_blender, pytest.mark.blender]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("addon_workflow")
+    zip_path = build_zip(tmp / "dist")
+    video, depth = synthetic_shot(tmp)
+    backend = Backend(tmp / "jobs", tmp / "backend.log")
+    try:
+        t = time.perf_counter()
+        r = run_blender("workflow.py", zip_path, video, depth, backend.address, f"tcp://127.0.0.1:{free_port()}",
+                        backend.proc.pid, tmp, tmp=tmp)
+        wall = time.perf_counter() - t
+    finally:
+        backend.stop()
+    report = tmp / "workflow.json"
+    assert report.exists(), f"Blender script failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    data = json.loads(report.read_text())
+    data["wall_s"] = wall
+    data["tmp"] = tmp
+    return data
+
+
+def ok(run, name) -> dict:
+    s = run["steps"].get(name)
+    assert s is not None, f"step {name} did not run"
+    assert s["ok"], s.get("trace") or s.get("error")
+    return s
+
+
+def test_installs_from_zip_with_every_operator(run):
+    for op in ("connect", "import_video", "reconstruct", "camera_preset", "render_guides", "generate", "cancel",
+               "send_to_timeline", "export_camera", "import_camera"):
+        assert op in run["operators"]
+
+
+def test_dead_backend_is_reported_quickly(run):
+    s = ok(run, "connect_dead_backend")
+    assert s["result"] == ["CANCELLED"]
+    assert s["took_s"] < 10
+    assert "no answer from the backend" in s["message"]
+
+
+def test_connect_shows_capabilities(run):
+    s = ok(run, "connect")
+    assert s["result"] == ["FINISHED"] and s["state"] == "connected"
+    assert "tiny" in s["capabilities"]
+
+
+def test_import_video_reads_frames_in_blender(run):
+    s = ok(run, "import_video")
+    assert s["frames_shape"] == [9, 48, 64, 3] and s["frame_range"] == [1, 9]
+    assert s["fx"] == pytest.approx(64 / 2 / np.tan(np.radians(30)))
+    from ex4d.video import read_video
+
+    ours = np.load(run["tmp"] / "frames_blender.npy").astype(int)
+    ref = read_video(run["tmp"] / "shot.mp4").frames.astype(int)
+    assert np.abs(ours - ref).mean() < 3.0  # YUV decode differences only
+
+
+def test_dwmesh_vertices_uvs_and_per_frame_positions(run):
+    s = ok(run, "reconstruct")
+    assert s["state"] == "done", s["message"]
+    assert s["mesh_vertices"] == s["V"] and s["mesh_faces"] == s["F"]
+    assert s["uv_err"] < 1e-6
+    assert max(s["pos_err_per_frame"]) < 1e-5
+    assert s["validity_equal"] and s["has_paint_attr"]
+
+
+def test_presets_match_ex4d_camera_through_the_rig(run):
+    s = ok(run, "camera_presets")
+    for name, r in s.items():
+        if isinstance(r, dict):
+            assert r["result"] == ["FINISHED"] and r["keyed"]
+            assert r["max_err"] < 1e-5, (name, r)
+            assert r["K_err"] < 1e-3, (name, r)
+
+
+def test_transforms_json_round_trip(run):
+    s = ok(run, "transforms_round_trip")
+    assert s["frames"] == 9 and s["c2w_err"] < 1e-6 and s["K_err"] < 1e-4
+
+
+def test_guides_render_and_settings_restored(run):
+    s = ok(run, "render_guides")
+    assert s["state"] == "done", s["message"]
+    assert s["engine_restored"]
+    assert 0.2 < s["mask_fraction"] < 1.0
+
+
+def test_painted_validity_reaches_the_guides(run):
+    s = ok(run, "painted_validity")
+    assert s["faces_valid_after"] < s["faces_valid_before"]
+    assert s["mask_px_after"] < s["mask_px_before"]
+
+
+def test_generate_with_progress(run):
+    s = ok(run, "generate")
+    assert s["state"] == "done", s["message"]
+    assert s["frames_shape"][0] == 9 and len([f for f in s["files"] if f.endswith(".png")]) == 9
+    assert len(s["progress_seen"]) > 1
+
+
+def test_send_to_timeline(run):
+    s = ok(run, "send_to_timeline")
+    strips = {x["name"]: x for x in s["strips"]}
+    shot = [x for x in s["strips"] if x["type"] == "IMAGE" and "guide" not in x["name"]]
+    assert len(shot) == 1 and shot[0]["start"] == 1 and shot[0]["end"] == 10  # frames 1..9, end exclusive
+    assert len({x["channel"] for x in s["strips"]}) == len(s["strips"]) == 3, strips
+    for x in s["strips"]:
+        assert (x["start"], x["end"]) == (1, 10)
+
+
+def test_cancel_remote_and_local(run):
+    s = ok(run, "cancel_remote")
+    assert s["state"] == "cancelled" and s["cancel_to_stop_s"] < 30
+    s = ok(run, "cancel_local")
+    assert s["state"] == "cancelled"
+
+
+def test_save_reload_keeps_positions_and_reconnect_picks_up_job(run):
+    s = ok(run, "reattach_after_reload")
+    assert s["job_id_kept"] and s["state_after_load"] == "running"
+    assert max(s["pos_err_after_reload"]) < 1e-5
+    assert s["state"] == "done", s["message"]
+
+
+def test_backend_death_is_noticed_and_reported(run):
+    s = ok(run, "backend_dies")
+    assert s["noticed_after_s"] is not None and s["noticed_after_s"] < 10
+    assert any("stopped answering" in m[1] for m in s["messages"])
+    assert s["generate_result"] == ["CANCELLED"] and s["generate_took_s"] < 15
+
+
+def test_budget(run):
+    assert run["wall_s"] < 300
