@@ -31,7 +31,7 @@ T5_TINY = dict(vocab=64, dim=32, dim_attn=32, dim_ffn=64, num_heads=2, num_layer
 # tokens (224 / 14 = 16, 16 x 16 + 1): the tiny CLIP keeps those two numbers and shrinks the rest.
 CLIP_TINY = dict(embed_dim=64, image_size=224, patch_size=14, vision_dim=1280, vision_mlp_ratio=1, vision_heads=10,
                  vision_layers=2, vision_pool="token", activation="gelu", max_text_len=514)
-VAE_TINY_DIM = 8
+VAE_TINY_DIM = 8  # with one residual block per level (Wan's has two)
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def make_vae(arch: Architecture) -> nn.Module:
         return WanVideoVAE(z_dim=16)
     with skip_model_initialization():  # the full-width network is replaced right away: don't initialise it
         vae = WanVideoVAE(z_dim=16)
-    vae.model = VideoVAE_(dim=arch.vae_dim, z_dim=16).eval().requires_grad_(False)
+    vae.model = VideoVAE_(dim=arch.vae_dim, z_dim=16, num_res_blocks=1).eval().requires_grad_(False)
     return vae
 
 

@@ -96,9 +96,9 @@ def prepare_clip(color: np.ndarray, mask: np.ndarray, seed: int, erode: bool = T
 
 
 def round_size(height: int, width: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
-    """Nearest multiples of ``multiple`` (at least one multiple)."""
-    h = max(multiple, int(round(height / multiple)) * multiple)
-    w = max(multiple, int(round(width / multiple)) * multiple)
+    """Nearest multiples of ``multiple``, halves rounded up (at least one multiple)."""
+    h = max(multiple, (height + multiple // 2) // multiple * multiple)
+    w = max(multiple, (width + multiple // 2) // multiple * multiple)
     return h, w
 
 
