@@ -5,30 +5,21 @@ DW-mesh, key a camera move, render guides, generate, send the result to the Vide
 
 Layout (after glTF-Blender-IO): ``core/`` is pure Python (no bpy), ``blender/`` holds everything that
 touches bpy, operators stay thin. ``_core/`` (errors, camera, protocol) is copied from the ex4d package
-by ``ex4d addon build``.
+by ``ex4d addon build``. bpy is imported only inside register(), so ``core`` is testable without Blender.
 """
 
-if "bpy" in locals():  # script reload (F8 / reload scripts)
-    import importlib
 
-    for _name in ("props", "jobs", "operators", "panels"):
-        if _name in locals():
-            importlib.reload(locals()[_name])
+def _modules():
+    from .blender import jobs, operators, panels, props, workflow  # noqa: F401  (workflow registers result handlers)
 
-import bpy  # noqa: F401
-
-from .blender import jobs, operators, panels, props
+    return props, operators, panels, jobs
 
 
 def register():
-    props.register()
-    operators.register()
-    panels.register()
-    jobs.register()
+    for m in _modules():
+        m.register()
 
 
 def unregister():
-    jobs.unregister()
-    panels.unregister()
-    operators.unregister()
-    props.unregister()
+    for m in reversed(_modules()):
+        m.unregister()

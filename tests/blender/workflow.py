@@ -272,6 +272,40 @@ def _():
     return out
 
 
+@step("artist_deletes_vertices")
+def _():
+    """Deleting part of the DW-mesh (bmesh, as Edit Mode does) keeps the per-frame keys of the rest, and the
+    guides show the edit: the deleted region is no longer valid source content."""
+    import bmesh
+
+    sc = bpy.context.scene
+    p = sc.ex4d
+    me = p.mesh.data
+    ref = np.load(os.path.join(OUT, "mesh.npz"))["vertices"]
+    co = ref[0]
+    doomed = (co[:, 0] > np.percentile(co[:, 0], 70))
+    bm = bmesh.new()
+    bm.from_mesh(me)
+    bm.verts.ensure_lookup_table()
+    bmesh.ops.delete(bm, geom=[bm.verts[i] for i in np.nonzero(doomed)[0]], context="VERTS")
+    bm.to_mesh(me)
+    bm.free()
+    me.update()
+    errs = []
+    for t in range(p.num_frames):
+        sc.frame_set(p.frame_start + t)
+        pos = dwmesh.evaluated_positions(p.mesh, bpy.context.evaluated_depsgraph_get())
+        errs.append(float(np.abs(pos - ref[t][~doomed]).max()))
+    before = np.load(os.path.join(OUT, "guides_blender.npz"))["mask"]
+    sc.camera = bpy.data.objects[R["steps"]["camera_presets"]["30"]["camera"]]
+    workflow.start_guides(sc)
+    harness.pump(sc, lambda: p.job_state != "running", 120, sleep_s=0)
+    _, after = harness.sub("blender.guides").load_guides(p.guides_dir, p.num_frames)
+    return {"deleted": int(doomed.sum()), "vertices_left": len(me.vertices), "pos_err": errs,
+            "mask_px_before": int(before.sum()), "mask_px_after": int(after.sum()), "state": p.job_state,
+            "message": p.job_message}
+
+
 @step("backend_dies")
 def _():
     sc = bpy.context.scene
