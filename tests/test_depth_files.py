@@ -218,3 +218,30 @@ def test_depth_K_rescaled_to_video(tmp_path):
     data = load_depth(tmp_path / "d.npz")
     K2 = depth_K_at_video_size(data, (64, 48))
     np.testing.assert_allclose(K2, [[60, 0, 32], [0, 60, 24], [0, 0, 1]])
+
+
+@pytest.mark.blender
+def test_exr_from_a_real_blender_render(tmp_path):
+    """Blender 5's multilayer EXR is multi-part (one part per pass) and its Z pass is planar z-depth."""
+    import subprocess
+    from pathlib import Path
+
+    pytest.importorskip("OpenEXR", reason="optional 'openexr' package not installed")
+    repo = Path(__file__).parents[1]
+    blender_python = repo / ".venv-blender" / "bin" / "python"
+    if not blender_python.is_file():
+        pytest.skip("the bpy environment .venv-blender is not installed (bash .ci/setup makes it)")
+    proc = subprocess.run(
+        [str(blender_python), str(repo / "tests" / "blender" / "render_zpass.py"), "--", str(tmp_path), "CYCLES", "BLENDER_WORKBENCH"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for engine in ("CYCLES", "BLENDER_WORKBENCH"):
+        data = load_depth(tmp_path / f"z_{engine}.exr")
+        z = data.depth[0]
+        assert z.shape == (24, 32)
+        assert z[12, 16] == pytest.approx(5.0, abs=1e-3)  # the plane, straight ahead
+        plane = z < 100
+        # the plane spans many pixels off axis; radial distance would grow to 5/cos(angle) there
+        assert plane.sum() > 50 and np.allclose(z[plane], 5.0, atol=1e-3)
+        assert (z[~plane] > 100).all() and np.isfinite(z).all()  # sky = far, not NaN/inf

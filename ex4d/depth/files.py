@@ -8,9 +8,12 @@ units; the world of a shot is measured in these units (docs/architecture.md).
 * 16-bit PNG sequence: a folder of ``*.png`` (sorted by name) or a glob such as ``depth/*.png``.
   depth = PNG value x ``scale`` (default 1/1000: millimetres -> metres, as most depth cameras and
   datasets store them). 0 is "no depth" in those files and is refused like any other invalid value.
-* OpenEXR (optional ``openexr`` package): one file or a sequence (folder / glob of ``*.exr``). The
-  channel is Blender's Z pass (``<ViewLayer>.Depth.Z``, ``Depth.Z`` or ``Z``), else ``depth``/``D``, else
-  the only channel. Values are used as they are (scale 1 unless ``scale`` is given).
+* OpenEXR (optional ``openexr`` package): one file or a sequence (folder / glob of ``*.exr``), single-
+  or multi-part. The channel is Blender's Z pass (``<ViewLayer>.Depth.Z``, ``Depth.Z`` or ``Z``), else
+  ``depth``/``D``, else the only channel. Values are used as they are (scale 1 unless ``scale`` is
+  given). Blender 5.0's Z pass is planar z-depth in all three engines (checked with bpy 5.0.1:
+  a wall facing a 12 mm camera reads 5.0 at the centre and at the corners); pixels that see no surface
+  hold 1e10 (Cycles) or about the camera's clip end (EEVEE) - finite and positive, i.e. "far".
 
 :func:`check_depth` validates against the video (frame count, aspect ratio, finite, positive) and
 :func:`fit_depth` brings depth to the working size exactly as :func:`ex4d.video.fit_frames` does for the
@@ -176,8 +179,10 @@ def _read_exr_depth(f: Path) -> np.ndarray:
             f"{f}: reading OpenEXR needs the 'openexr' package (pip install openexr), or save depth as .npz"
         ) from None
     try:
+        # Blender 5 writes multilayer EXRs as multi-part files (one part per pass: the Z pass is the
+        # channel 'ViewLayer.Depth.Z' of part 'ViewLayer.Depth'), so look through every part.
         with OpenEXR.File(str(f), separate_channels=True) as exr:
-            channels = {name: ch.pixels for name, ch in exr.channels().items()}
+            channels = {name: ch.pixels for part in exr.parts for name, ch in part.channels.items()}
     except Exception as e:  # the bindings raise plain RuntimeError/OSError on bad files
         raise DepthError(f"{f}: not a readable OpenEXR file ({' '.join(str(e).split())[:160]})") from None
     name = pick_exr_depth_channel(list(channels))
