@@ -269,3 +269,34 @@ def test_depth_model_without_weights(tmp_path, tiny_clip, capsys):
     code, _, err = run_cli(["recon", tiny_clip.video, "--depth-model", "depth-anything-v2-small", "--depth-weights",
                             tmp_path / "missing", "--out", out, "--quiet"], capsys)
     assert code == 2 and err.rstrip().splitlines()[-1].startswith("error:") and not out.exists()
+
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "synthetic-room"
+
+
+def test_example_files_are_consistent():
+    files = {p.name: p for p in EXAMPLE.iterdir()}
+    assert {"video.mp4", "depth.npz", "camera_path.json"} <= set(files)
+    assert sum(p.stat().st_size for p in EXAMPLE.iterdir()) < 2 * 1024 * 1024
+    info = probe_video(files["video.mp4"])
+    from ex4d.depth.files import check_depth, load_depth
+
+    depth = load_depth(files["depth.npz"])
+    assert depth.K is not None and depth.size == (info.width, info.height)
+    check_depth(depth.depth, info.num_frames, (info.height, info.width))
+    path = read_transforms(files["camera_path.json"])
+    assert len(path) == info.num_frames and (path.width, path.height) == (info.width, info.height)
+
+
+@pytest.mark.slow
+def test_readme_main_job_on_the_example(tmp_path, capsys):
+    """The README's fresh-machine command (on the first 8 frames, to keep the suite quick)."""
+    reason = _generator_available("draft")
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["run", EXAMPLE / "video.mp4", "--depth", EXAMPLE / "depth.npz", "--cam", "orbit_right",
+                                 "--angle", "60", "--generator", "draft", "--frames", "8", "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+    assert (out / "shot_orbit_right.mp4").is_file()
+    assert probe_video(out / "shot_orbit_right.mp4").num_frames == 8
