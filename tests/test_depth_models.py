@@ -4,6 +4,7 @@ loading code. Small shapes (48x64, 5-7 frames) so the file runs in well under a 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,15 @@ from ex4d.depth.models import DisparityToDepth, load_depth_model  # noqa: E402
 from ex4d.depth.models.align import AlignConfig, align_disparity_sequence, fit_scale_shift  # noqa: E402
 
 T, H, W = 5, 48, 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is ~10x faster than two contending."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def frames(count=T, seed=0):
@@ -79,9 +89,14 @@ def dc_dir(tmp_path_factory):
     configs = tiny_configs()
     model = DepthCrafter.build_random(configs, device="cpu", dtype="fp32")
     model.unet.save_pretrained(folder / "DepthCrafter" / "unet")
+    # the published UNet config names the release's subclass; the loader must not care
+    unet_config = folder / "DepthCrafter" / "unet" / "config.json"
+    data = json.loads(unet_config.read_text())
+    data["_class_name"] = "DiffusersUNetSpatioTemporalConditionModelDepthCrafter"
+    unet_config.write_text(json.dumps(data))
     svd = folder / "stable-video-diffusion-img2vid-xt"
-    model.vae.save_pretrained(svd / "vae")
-    model.image_encoder.save_pretrained(svd / "image_encoder")
+    model.vae.save_pretrained(svd / "vae", variant="fp16")  # SVD ships fp16 variants too
+    model.image_encoder.save_pretrained(svd / "image_encoder", variant="fp16")
     model.scheduler.save_pretrained(svd / "scheduler")
     fe = configs["feature_extractor"]
     CLIPImageProcessor(image_mean=fe["image_mean"], image_std=fe["image_std"]).save_pretrained(svd / "feature_extractor")
@@ -295,10 +310,11 @@ def test_one_missing_component_is_named(dc_dir, tmp_path):
 
     copy = tmp_path / "dc"
     shutil.copytree(dc_dir, copy)
-    (copy / "stable-video-diffusion-img2vid-xt" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    (copy / "stable-video-diffusion-img2vid-xt" / "vae" / "diffusion_pytorch_model.fp16.safetensors").unlink()
     with pytest.raises(errors.WeightsError) as e:
         load_depth_model("depthcrafter", copy, device="cpu")
-    assert "vae/diffusion_pytorch_model.safetensors" in str(e.value)
+    assert "vae/diffusion_pytorch_model.safetensors or" in str(e.value)
+    assert "vae/diffusion_pytorch_model.fp16.safetensors" in str(e.value)
     assert "unet" not in str(e.value).split("download")[0]  # only the missing file is listed
 
 

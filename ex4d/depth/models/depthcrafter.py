@@ -129,7 +129,7 @@ def published_configs() -> dict:
 
 
 def tiny_configs() -> dict:
-    """Same classes, tiny sizes (tests and CPU smoke runs). Working size multiple = 2 * 2 = 4."""
+    """Same classes, tiny sizes (tests and CPU smoke runs). Working size multiple = 4 (VAE) x 2 (UNet) = 8."""
     cfg = published_configs()
     cfg["unet"] = dict(
         sample_size=8, in_channels=8, out_channels=4,
@@ -140,7 +140,7 @@ def tiny_configs() -> dict:
         num_frames=8,
     )
     cfg["vae"] = dict(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, block_out_channels=[32, 32],
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3, block_out_channels=[32, 32, 32],
         layers_per_block=1, latent_channels=4, sample_size=32, scaling_factor=0.18215, force_upcast=True,
     )
     cfg["image_encoder"] = dict(
