@@ -7,6 +7,7 @@ with a notice where the hardware or software cannot run it (CPU, no FP8 matrix u
                      kernel at EX-4D's 13,312-token shape on an H100).
 ``fused_rope``       the block forward re-expressed with real-valued fp32 RoPE instead of diffsynth's
                      float64 complex RoPE (the same rotation; lets torch.compile fuse it).
+``fp8_ffn``          FP8 (as below) in the two FFN linears only: the default, within the drift bar.
 ``fp8``              the token-wise linears of every block (self-attn q/k/v/o, cross-attn q/o, both FFN
                      layers) as FP8 e4m3 weights (per-output-channel scale) x FP8 activations (per-token
                      scale, quantised in a compiled kernel) through ``torch._scaled_mm``. Needs compute
@@ -29,8 +30,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-ALL_LEVERS = ("cudnn_attention", "fused_rope", "fp8", "compile")
-DEFAULT_LEVERS = ALL_LEVERS
+ALL_LEVERS = ("cudnn_attention", "fused_rope", "fp8_ffn", "fp8", "compile")
+# fp8 (every token-wise linear) drifts past the 0.99 per-step cosine bar on the CFG-combined prediction
+# (measured 0.984 on random weights, docs/bench-perf.md); FP8 in the FFN only stays at 0.995.
+DEFAULT_LEVERS = ("cudnn_attention", "fused_rope", "fp8_ffn", "compile")
+FFN_LINEARS = ("ffn.0", "ffn.2")
 
 # Linear layers that see the video tokens (their cost scales with the 13k tokens); the cross-attention
 # k/v/k_img/v_img act on 512 text / 257 image tokens and stay in bf16.
@@ -347,15 +351,17 @@ def apply_speed_levers(target, levers=DEFAULT_LEVERS, *, device=None, compile_mo
         raise ValueError(f"unknown speed levers: {sorted(unknown)} (known: {', '.join(ALL_LEVERS)}, cfg_batch)")
     dit = _dit_of(target)
     device = torch.device(device) if device is not None else next(dit.parameters()).device
+    unpatch_block_forwards(dit)  # re-applying replaces an earlier patch (e.g. fp8_ffn -> fp8)
     report = LeverReport()
 
-    if "fp8" in levers:
+    fp8_lever = "fp8" if "fp8" in levers else ("fp8_ffn" if "fp8_ffn" in levers else None)
+    if fp8_lever:
         ok, why = fp8_supported(device)
         if ok:
-            convert_blocks_to_fp8(dit)
-            report.applied.append("fp8")
+            convert_blocks_to_fp8(dit, FP8_LINEARS if fp8_lever == "fp8" else FFN_LINEARS)
+            report.applied.append(fp8_lever)
         else:
-            report.skipped["fp8"] = why
+            report.skipped[fp8_lever] = why
 
     attention = sdpa_default
     if "cudnn_attention" in levers:

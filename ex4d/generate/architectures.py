@@ -75,17 +75,21 @@ def make_text_encoder(arch: Architecture) -> nn.Module:
 
 
 def make_image_encoder(arch: Architecture) -> nn.Module:
-    """WanImageEncoder; for tiny configs built from its configurable parts (its __init__ takes no config)."""
-    from diffsynth.models.wan_video_image_encoder import WanImageEncoder, XLMRobertaCLIP, _clip
+    """A WanImageEncoder built on the current default device/dtype (its own __init__ always builds the
+    full ViT-H/14 in fp32 on the CPU); tiny configs come from its configurable parts."""
+    from diffsynth.models.wan_video_image_encoder import (WanImageEncoder, XLMRobertaCLIP, _clip,
+                                                          clip_xlm_roberta_vit_h_14)
 
-    if arch.clip is None:
-        return WanImageEncoder()
     encoder = WanImageEncoder.__new__(WanImageEncoder)
     nn.Module.__init__(encoder)
     device = torch.empty(0).device  # honour an enclosing torch.device(...) context
-    encoder.model, encoder.transforms = _clip(
-        pretrained=False, pretrained_name="open-clip-xlm-roberta-large-vit-huge-14", model_cls=XLMRobertaCLIP,
-        return_transforms=True, return_tokenizer=False, dtype=torch.get_default_dtype(), device=device, **arch.clip)
+    common = dict(pretrained=False, return_transforms=True, return_tokenizer=False, dtype=torch.get_default_dtype(),
+                  device=device)
+    if arch.clip is None:
+        encoder.model, encoder.transforms = clip_xlm_roberta_vit_h_14(**common)
+    else:
+        encoder.model, encoder.transforms = _clip(pretrained_name="open-clip-xlm-roberta-large-vit-huge-14",
+                                                  model_cls=XLMRobertaCLIP, **common, **arch.clip)
     return encoder
 
 

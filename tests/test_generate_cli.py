@@ -1,0 +1,125 @@
+"""``ex4d generate`` end to end on real mp4 files (PyAV), its input errors, and bench/generate_gpu.py's
+argument parsing and tiny CPU path."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("EX4D_CACHE_DIR", str(Path(tempfile.gettempdir()) / "ex4d-test-cache"))
+
+from ex4d.cli import main  # noqa: E402
+from ex4d.video import read_video, write_video  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def guides(tmp_path_factory):
+    d = tmp_path_factory.mktemp("guides")
+    rng = np.random.default_rng(0)
+    t, h, w = 9, 32, 48
+    color = rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+    mask = np.ones((t, h, w), bool)
+    mask[1:, :, 30:] = False
+    color[~mask] = 0
+    write_video(d / "color.mp4", color, 15)
+    write_video(d / "mask.mp4", (mask * 255).astype(np.uint8), 15)
+    write_video(d / "mask_short.mp4", (mask[:7] * 255).astype(np.uint8), 15)
+    write_video(d / "mask_small.mp4", (mask[:, :, :32] * 255).astype(np.uint8), 15)
+    grey = (mask * 255).astype(np.uint8)
+    grey[:, :4, :4] = 128
+    write_video(d / "mask_grey.mp4", grey, 15)
+    np.savez(d / "render.npz", color=color, mask=mask)
+    return d, color, mask
+
+
+def run(capsys, *args):
+    code = main(["generate", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def one_thread():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffsynth")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cli_tiny_generator_on_mp4_guides(guides, tmp_path, capsys, one_thread):
+    d, color, _ = guides
+    out = tmp_path / "shot.mp4"
+    code, stdout, err = run(capsys, "--color-video", d / "color.mp4", "--mask-video", d / "mask.mp4", "--generator", "tiny",
+                            "--steps", "1", "--out", out)
+    assert code == 0, err
+    assert "wrote" in stdout and out.is_file()
+    video = read_video(out)
+    assert video.frames.shape == color.shape and abs(video.fps - 15) < 1e-6
+
+
+def test_cli_draft_from_lossless_guides_keeps_valid_pixels(guides, tmp_path, capsys):
+    d, color, mask = guides
+    out = tmp_path / "draft.mp4"
+    code, _, err = run(capsys, "--guides", d / "render.npz", "--generator", "draft", "--frames", "5", "--size", "64x32", "--out", out)
+    assert code == 0, err
+    assert read_video(out).frames.shape == (5, 32, 64, 3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--mask-video", "mask_short.mp4"), "the colour video has 9 frames but the mask video has 7"),
+    (("--mask-video", "mask_small.mp4"), "the colour video is 48x32 but the mask video is 32x32"),
+    (("--mask-video", "mask_grey.mp4", "--strict-mask"), "the mask is not binary"),
+    (("--mask-video", "mask.mp4", "--frames", "12"), "--frames 12 asks for more frames than the guides have (9)"),
+    (("--mask-video", "mask.mp4", "--size", "big"), "--size must look like 512x512"),
+    (("--mask-video", "mask.mp4", "--generator", "ex4d", "--models", "{tmp}/none"), "missing 12 weight file(s)"),
+])
+def test_cli_input_errors(guides, tmp_path, capsys, args, message):
+    d, _, _ = guides
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    args = [str(d / a) if a.startswith("mask") and a.endswith(".mp4") else a for a in args]
+    out = tmp_path / "x.mp4"
+    code, _, err = run(capsys, "--color-video", d / "color.mp4", *args, "--generator" if "--generator" not in args else "--seed",
+                       "draft" if "--generator" not in args else "0", "--out", out)
+    assert code == 2
+    assert message in err and err.startswith("error: ")
+    assert not out.exists()
+
+
+def test_cli_grey_mask_warns_with_count(guides, tmp_path, capsys):
+    d, _, _ = guides
+    with pytest.warns(UserWarning, match=r"the mask is not binary: \d+ grey pixel\(s\).*binarised at 0.5"):
+        code, _, err = run(capsys, "--color-video", d / "color.mp4", "--mask-video", d / "mask_grey.mp4", "--generator",
+                           "draft", "--out", tmp_path / "g.mp4")
+    assert code == 0, err
+
+
+def test_bench_arguments_and_tiny_cpu_run(tmp_path, capsys, one_thread):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import generate_gpu
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    args = generate_gpu.parse_args(["--mode", "fp8"])
+    assert (args.mode, args.steps, args.frames, args.width, args.height, args.cfg) == ("fp8", 25, 49, 512, 512, 5.0)
+    with pytest.raises(SystemExit):
+        generate_gpu.parse_args(["--size", "500x500"])
+    with pytest.raises(SystemExit):
+        generate_gpu.parse_args(["--mode", "swap"])
+    code = generate_gpu.main(["--tiny", "--device", "cpu", "--steps", "2", "--frames", "5", "--size", "32x32",
+                              "--json-out", str(tmp_path / "r.json")])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0 and report["ok"], report.get("error")
+    assert report["arch"] == "tiny" and report["output_shape"] == [5, 32, 32, 3]
+    for key in ("seconds_per_step", "total_seconds", "encode_seconds", "decode_seconds", "build_seconds"):
+        assert report[key] >= 0
+    assert json.loads(capsys.readouterr().out)["ok"]
