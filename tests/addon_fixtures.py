@@ -71,12 +71,12 @@ def synthetic_shot(folder: Path, width: int = 64, height: int = 48, frames: int 
 class Backend:
     """``ex4d serve --generator tiny`` on a free loopback port, as its own process."""
 
-    def __init__(self, jobs_dir: Path, log: Path):
+    def __init__(self, jobs_dir: Path, log: Path, generator: str = "tiny"):
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.log = open(log, "w")
         self.proc = subprocess.Popen(
-            [str(ROOT / ".venv" / "bin" / "ex4d"), "serve", "--generator", "tiny", "--bind", self.address,
+            [str(ROOT / ".venv" / "bin" / "ex4d"), "serve", "--generator", generator, "--bind", self.address,
              "--jobs-dir", str(jobs_dir)], stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 180
         while time.time() < deadline:

@@ -47,6 +47,8 @@ def test_installs_from_zip_with_every_operator(run):
     for op in ("connect", "import_video", "reconstruct", "camera_preset", "render_guides", "generate", "cancel",
                "send_to_timeline", "export_camera", "import_camera"):
         assert op in run["operators"]
+        assert run["labels"][op].startswith("EX-4D: ") and len(run["descriptions"][op]) > 20  # F3 search
+    assert run["panels"] == ["Backend", "Camera", "Guides and Generation", "Shot"]
 
 
 def test_dead_backend_is_reported_quickly(run):
@@ -178,6 +180,7 @@ def test_guide_parity_with_ex4d_renderer(run):
     agree = (ours["mask"][moved] == ref.mask[moved]).mean()
     both = ours["mask"][moved] & ref.mask[moved]
     color_err = np.abs(ours["color"][moved].astype(int) - ref.color[moved].astype(int))[both].mean()
+    assert (ours["color"][moved][~ours["mask"][moved]] == 0).all()  # masked like the library's guides
     (tmp / "parity.json").write_text(json.dumps({"mask_agreement": float(agree), "color_mae": float(color_err)}))
     assert agree >= 0.98, agree
     assert color_err < 12, color_err

@@ -4,7 +4,7 @@ Two Workbench passes per frame along the active camera (Workbench renders headle
 about 1.2 s per 512x512 frame on 2 cores, Cycles needs 3.3 s):
 
 * colour: flat-lit Texture colour = the footage through the DW-mesh's UVs, Standard view transform so
-  the PNG holds the footage's own sRGB values;
+  the PNG holds the footage's own sRGB values; black where the mask is 0 (as ex4d.render's guides);
 * mask: flat-lit Attribute colour = ``ex4d_mask`` (frame t's backend validity AND the artist's paint),
   black background, no anti-aliasing: 255 = valid source content, 0 = to be generated.
 
@@ -122,6 +122,8 @@ class GuideRender:
         mask = self._render_pass(sh, _ATTRIBUTE_COLOR, f"mask_{t + 1:04d}.png")
         mask = np.where(mask[..., 0] > 127, 255, 0).astype(np.uint8)
         video.save_png_rgb(os.path.join(self.out_dir, f"mask_{t + 1:04d}.png"), np.repeat(mask[..., None], 3, axis=2))
+        # as the library's guides: colour is black where the mask says "generate" (what the generator gets)
+        video.save_png_rgb(os.path.join(self.out_dir, f"color_{t + 1:04d}.png"), color * (mask[..., None] > 0))
         for obj in self.meshes:
             obj.data.color_attributes.active_color_name = self._active_colors[obj.data.name]
         self.t += 1
@@ -135,10 +137,7 @@ class GuideRender:
             with bpy.context.temp_override(scene=self.scene):
                 bpy.ops.render.render(write_still=False, scene=self.scene.name)
             bpy.data.images["Render Result"].save_render(tmp_path, scene=self.scene)
-            rgb = video.load_png_rgb(tmp_path)
-            if color_type == "TEXTURE":
-                os.replace(tmp_path, os.path.join(self.out_dir, filename))
-            return rgb
+            return video.load_png_rgb(tmp_path)
         finally:
             shading.color_type = old
 

@@ -30,6 +30,7 @@ class Runtime:
         self.watchers = 0  # running ex4d.watch_job modal operators
         self.lost_reported = False
         self.result_handlers = {}  # kind -> fn(scene, Result) -> message
+        self.inbox = []  # events received but not yet taken by their scene
 
 
 RT = Runtime()
@@ -212,16 +213,19 @@ def poll_once(scene) -> None:
     if client is None:
         return
     try:
-        events = client.poll()
+        RT.inbox.extend(client.poll())
     except errors.Ex4dError as e:
         post("ERROR", str(e))
         return
     ErrorFor = protocol_client()._error_for
-    for ev in events:
+    keep = []
+    for ev in RT.inbox:
         if ev.type == "error" and ev.job_id is None:
             post("ERROR", ev.header.get("message", "backend error"))
             continue
         if not ev.job_id or ev.job_id != props.job_id or not busy(props):
+            if ev.job_id and ev.type in ("result", "error") and _owned_elsewhere(ev.job_id, scene):
+                keep.append(ev)  # another scene's job: its own poll takes it
             continue
         if ev.type == "progress":
             props.job_stage = str(ev.stage or "")
@@ -231,6 +235,7 @@ def poll_once(scene) -> None:
             _job_done(scene, Result(dict(ev.header.get("params") or {}), ev.arrays, ev.job_id))
         elif ev.type == "error":
             _job_failed(props, ErrorFor(ev.header.get("code", "error"), ev.header.get("message", ""), ev.job_id))
+    RT.inbox = keep
     alive = client.alive()
     if not alive:
         props.backend_state = f"no heartbeat from {props.address}"
@@ -241,6 +246,10 @@ def poll_once(scene) -> None:
     elif props.backend_state != "connected":
         props.backend_state = "connected"
         RT.lost_reported = False
+
+
+def _owned_elsewhere(job_id: str, scene) -> bool:
+    return any(sc.ex4d.job_id == job_id and sc != scene for sc in bpy.data.scenes)
 
 
 def progress_text(props) -> str:

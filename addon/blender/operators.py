@@ -92,7 +92,9 @@ class EX4D_OT_reconstruct(_JobOperator, bpy.types.Operator):
                                 description="Depth model on the backend when no depth file is given (see its capabilities)")
 
     def execute(self, context):
-        ok, job = _run(self, workflow.submit_reconstruct, context.scene, self.depth_file, self.depth_model)
+        p = context.scene.ex4d
+        ok, job = _run(self, workflow.submit_reconstruct, context.scene, self.depth_file or p.depth_file,
+                       self.depth_model or p.depth_model)
         return {"FINISHED"} if ok else {"CANCELLED"}
 
 

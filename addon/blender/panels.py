@@ -45,6 +45,8 @@ class EX4D_PT_shot(_Panel, bpy.types.Panel):
             col.label(text=f"{p.shot_name}: {p.num_frames} frames at {p.width}x{p.height}")
             col.label(text=f"focal {p.fx:.0f} px ({p.intrinsics_source})")
         layout.prop(p, "output_dir")
+        layout.prop(p, "depth_file")
+        layout.prop(p, "depth_model")
         row = layout.row()
         row.enabled = p.has_shot and not jobs.busy(p)
         row.operator("ex4d.reconstruct", icon="MESH_GRID")

@@ -45,6 +45,10 @@ class EX4D_SceneProps(bpy.types.PropertyGroup):
     cx: FloatProperty(default=0.0)
     cy: FloatProperty(default=0.0)
     intrinsics_source: StringProperty(default="")
+    depth_file: StringProperty(name="Depth", subtype="FILE_PATH", default="",
+                               description="Optional .npz/.npy with depth (T,H,W) float32 (+ K) for Reconstruct")
+    depth_model: StringProperty(name="Depth model", default="",
+                                description="Depth model on the backend, used when no depth file is given")
     depth_min: FloatProperty(default=0.0)
     depth_median: FloatProperty(default=0.0)
     rig: PointerProperty(name="Rig", type=bpy.types.Object)

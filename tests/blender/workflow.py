@@ -43,6 +43,9 @@ def step(name):
 mod, install_s = harness.install(ZIP)
 R["install_s"] = install_s
 R["operators"] = sorted(dir(bpy.ops.ex4d))
+R["descriptions"] = {n: getattr(bpy.ops.ex4d, n).get_rna_type().description for n in R["operators"]}
+R["labels"] = {n: getattr(bpy.ops.ex4d, n).get_rna_type().name for n in R["operators"]}
+R["panels"] = sorted(c.bl_label for c in bpy.types.Panel.__subclasses__() if getattr(c, "bl_category", "") == "EX-4D")
 jobs = harness.sub("blender.jobs")
 workflow = harness.sub("blender.workflow")
 dwmesh = harness.sub("blender.dwmesh")
