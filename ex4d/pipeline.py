@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .camera import CameraPath, Intrinsics, preset_path, read_transforms, resolve_intrinsics
-from .errors import CameraFileError, DepthError, InputError
+from .errors import DepthError, InputError
 from .recon import Progress, _check_cancel, check_name, check_path_for_video, reconstruct, render_path
 
 DEFAULT_PRESET = "orbit_right"
@@ -203,11 +203,6 @@ def make_camera_path(
             angle_deg=angle, distance=distance, easing=easing,
         )
     path = trajectory if isinstance(trajectory, CameraPath) else read_transforms(trajectory)
-    if abs((path.width / path.height) / (W / H) - 1.0) > 0.01:
-        raise CameraFileError(
-            f"camera path '{path.name}' is for {path.width}x{path.height} images but the working size is {W}x{H} "
-            "(another aspect ratio); export the cameras at the video's aspect ratio or pass a matching --size"
-        )
     if len(path) > num_frames:
         warnings.warn(f"camera path '{path.name}' has {len(path)} frames; using the first {num_frames} (one per video frame)")
     return check_path_for_video(path, num_frames, W, H)

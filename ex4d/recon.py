@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .camera import CameraPath, Intrinsics, write_transforms
-from .errors import Cancelled, InputError
+from .errors import CameraFileError, Cancelled, InputError
 
 MESH_METHODS = ("ours", "ex4d", "torn")
 RENDERERS = ("auto", "torch", "nvdiffrast")
@@ -126,9 +126,19 @@ def render_path(
 
 
 def check_path_for_video(path: CameraPath, num_frames: int, width: int, height: int) -> CameraPath:
-    """One camera per video frame, at the working size. Longer paths are cut; shorter ones refused."""
+    """One camera per video frame, at the working size. Longer paths are cut; shorter ones refused.
+
+    A path made for another resolution is scaled to the working size when its aspect ratio is the
+    same; another aspect ratio would distort its intrinsics and is refused.
+    """
     path = path.take(num_frames)  # raises CameraFileError when the path is too short
     if (path.width, path.height) != (width, height):
+        if abs((path.width / path.height) / (width / height) - 1.0) > 0.01:
+            raise CameraFileError(
+                f"camera path '{path.name}' is for {path.width}x{path.height} images but the working size is "
+                f"{width}x{height} (another aspect ratio); export the cameras at the video's aspect ratio or "
+                "pass a matching --size"
+            )
         path = path.resized(width, height)
     return path
 

@@ -4,8 +4,6 @@ non-zero exit, nothing half-written in --out."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +13,7 @@ import pytest
 
 from ex4d.camera import CameraPath, Intrinsics, orbit_poses, read_transforms, write_transforms
 from ex4d.cli import main
-from ex4d.video import probe_video, read_video, write_npz_atomic, write_video
+from ex4d.video import probe_video, read_video, write_npz_atomic
 
 GUIDE_FILES = ("color_{n}.mp4", "mask_{n}.mp4", "render_{n}.npz", "cameras_{n}.json")
 
