@@ -51,7 +51,8 @@ class DWMeshConfig:
     invalid_test: str | None = None  # None = the method's own ("angle" for ex4d/torn, "ours" for ours)
     alpha_threshold: float = 125.0 / 255.0  # mask = interpolated alpha > this (ex4d / torn)
     # --- ours ---
-    jump_footprints: float = 1.0  # a depth step counts as a discontinuity when larger than this many pixel footprints
+    jump_footprints: float = 2.0  # a depth step counts as a discontinuity when larger than this many pixel footprints
+    jump_ratio: float = 2.0  # ... and this many times larger than the steps on both sides (curved surfaces grow steps gradually)
     max_grazing_deg: float = 88.0  # faces the source sees more edge-on than this are invalid
     skirt_scale: float = 4.0  # skirt depth = max(border_depth, skirt_scale * the frame's largest depth), below the far clip
     color_sampling: str | None = None  # "uv" (bilinear from the source frame) or "vertex"; None = method default
@@ -252,7 +253,7 @@ def _grazing_invalid(v: torch.Tensor, faces: torch.Tensor, max_deg: float) -> to
     return cos < math.cos(math.radians(max_deg))
 
 
-def _jump_edges(q: torch.Tensor, di: int, dj: int, thresh: torch.Tensor) -> torch.Tensor:
+def _jump_edges(q: torch.Tensor, di: int, dj: int, thresh: torch.Tensor, ratio: float = 0.0) -> torch.Tensor:
     """Discontinuity flags for the pixel edges p -> p + (di, dj) of inverse depth q (T,H,W).
 
     An edge is a discontinuity when its step differs by more than ``thresh`` (at p) from the steps
@@ -278,13 +279,15 @@ def _jump_edges(q: torch.Tensor, di: int, dj: int, thresh: torch.Tensor) -> torc
     one_sided = miss_b ^ miss_a
     other = torch.where(miss_b, after, before)
     dev_one = (step - other).abs()
-    jump = torch.where(one_sided, (dev_one > thresh) & (step.abs() > other.abs()), (dev_b > thresh) & (dev_a > thresh))
+    big = step.abs()
+    jump = torch.where(one_sided, (dev_one > thresh) & (big > max(ratio, 1.0) * other.abs()),
+                       (dev_b > thresh) & (dev_a > thresh) & (big > ratio * before.abs()) & (big > ratio * after.abs()))
     # Neither neighbour (images 2-3 pixels wide): the relative step itself decides.
     jump = torch.where(miss_b & miss_a, step.abs() > thresh, jump)
     return jump & ~torch.isnan(step)
 
 
-def _ours_invalid(depth: torch.Tensor, K: torch.Tensor, faces_grid: torch.Tensor, footprints: float) -> torch.Tensor:
+def _ours_invalid(depth: torch.Tensor, K: torch.Tensor, footprints: float, ratio: float) -> torch.Tensor:
     """Per grid face: any of its edges is an inverse-depth discontinuity larger than ``footprints`` pixel footprints.
 
     One pixel footprint at depth d is d/f of lateral extent; a step of k footprints in depth is a
@@ -294,9 +297,9 @@ def _ours_invalid(depth: torch.Tensor, K: torch.Tensor, faces_grid: torch.Tensor
     q = 1.0 / depth
     f = torch.sqrt(K[:, 0, 0] * K[:, 1, 1]).view(T, 1, 1)
     thresh = q * footprints / f
-    h = _jump_edges(q, 0, 1, thresh)  # (i,j)-(i,j+1)
-    v = _jump_edges(q, 1, 0, thresh)  # (i,j)-(i+1,j)
-    d = _jump_edges(q, 1, -1, thresh)  # (i,j)-(i+1,j-1): the quads' diagonals tr-bl
+    h = _jump_edges(q, 0, 1, thresh, ratio)  # (i,j)-(i,j+1)
+    v = _jump_edges(q, 1, 0, thresh, ratio)  # (i,j)-(i+1,j)
+    d = _jump_edges(q, 1, -1, thresh, ratio)  # (i,j)-(i+1,j-1): the quads' diagonals tr-bl
     # Faces per quad (i,j): A = (tl, bl, tr) has edges tl-bl (v at tl), tl-tr (h at tl), tr-bl (d at tr);
     # B = (tr, bl, br) has tr-br (v at tr), bl-br (h at bl), tr-bl (d at tr).
     vt, ht = v[:, :-1, :-1], h[:, :-1, :-1]
@@ -358,7 +361,7 @@ def build_dwmesh(depth, K, config: DWMeshConfig | None = None, device=None) -> D
         invalid = _dz_dxy_invalid(verts, faces, config.dz_dxy_max)
     else:
         invalid = torch.zeros(T, faces.shape[0], dtype=torch.bool, device=device)
-        invalid[:, :n_grid_faces] = _ours_invalid(d, Kt, faces[:n_grid_faces], config.jump_footprints)
+        invalid[:, :n_grid_faces] = _ours_invalid(d, Kt, config.jump_footprints, config.jump_ratio)
         invalid |= _grazing_invalid(verts, faces, config.max_grazing_deg)
     # Faces touching pixels without depth are never valid; the skirt never is.
     if bool(bad_pixel.any()):
