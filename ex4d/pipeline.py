@@ -281,24 +281,30 @@ def write_shot(
     check_name(name)
     T, H, W = np.asarray(result.guides.mask).shape
     check_guides(result.guides, T, H, W)
+    if len(result.path) != T:
+        raise InputError(f"camera path has {len(result.path)} frames but the guides have {T}")
     if save_mesh and frames is None:
         raise InputError("saving the mesh needs the source frames (for the PLY's vertex colours)")
     names = list(guide_file_names(name).values())
     total = 1 + (result.video is not None) + bool(save_mesh)
+    step = 0
+
+    def advance() -> None:
+        nonlocal step
+        step += 1
+        if progress:
+            progress("write", step, total)
+
     with staged_output(out_dir) as stage:
         if progress:
             progress("write", 0, total)
         _write_guide_files(stage, name, result.guides, result.path, fps)
-        step = 1
+        advance()
         if result.video is not None:
             write_video(stage / f"shot_{name}.mp4", result.video, fps)
             names.append(f"shot_{name}.mp4")
-            step += 1
-            if progress:
-                progress("write", step - 1, total)
+            advance()
         if save_mesh:
             names += [p.name for p in write_mesh_files(stage, name, result.mesh, frames).values()]
-            step += 1
-        if progress:
-            progress("write", total, total)
+            advance()
     return [Path(out_dir) / n for n in names]
