@@ -102,6 +102,8 @@ class EX4D_PT_generate(_Panel, bpy.types.Panel):
                     box.label(text=text)
             else:
                 box.label(text=text, icon="ERROR" if p.job_state == "failed" else "INFO")
+            if busy and jobs.RT.client is None and p.job_id:
+                box.label(text="not connected: press Connect to follow this job", icon="INFO")
             if busy:
                 box.operator("ex4d.cancel", icon="CANCEL")
         row = layout.row()

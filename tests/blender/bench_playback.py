@@ -60,18 +60,23 @@ obj = dwmesh.create_dwmesh_object(scene, "bench", rig, verts, faces, uv, face_va
 R["import_s"] = time.perf_counter() - t
 scene.frame_start, scene.frame_end = 1, T
 
-def playback():
-    times = []
+def playback(check=False):
+    times, errs = [], []
     for fr in range(1, T + 1):
         t0 = time.perf_counter()
         scene.frame_set(fr)
+        if check:  # the evaluated mesh really holds frame fr's vertices
+            co = obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).data.vertices[H * W // 2 + 7].co
+            errs.append(float(np.abs(np.array(co) - verts[fr - 1, H * W // 2 + 7]).max()))
         times.append(time.perf_counter() - t0)
-    return np.array(times) * 1000
+    return (np.array(times) * 1000, max(errs)) if check else np.array(times) * 1000
 
 playback()  # cold pass
 ms = playback()
 R["playback_ms_mean"], R["playback_ms_p95"] = float(ms.mean()), float(np.percentile(ms, 95))
 R["playback_fps"] = 1000.0 / float(ms.mean())
+ms_checked, R["playback_check_err"] = playback(check=True)
+R["playback_checked_ms_mean"] = float(ms_checked.mean())
 
 # the alternative the shape keys replace: rewriting positions per frame from Python
 me2 = bpy.data.meshes.new("direct")
