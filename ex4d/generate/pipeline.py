@@ -98,7 +98,8 @@ class Ex4dPipeline(_pipeline_base()):
         super().__init__(device=device, torch_dtype=torch_dtype)
         self.condition_encoder = None
         self.memory_mode = "resident"
-        self.model_fn = ex4d_model_fn  # swap point for speed work (compiled / batched-CFG variants)
+        self.model_fn = ex4d_model_fn  # swap point for speed work (compiled / attention variants)
+        self.batch_cfg = False  # True: one DiT call with batch 2 (posi, nega) instead of two calls
         self.in_iteration_models = ("dit", "condition_encoder")
         self.adapter_report = None
 
@@ -193,10 +194,14 @@ class Ex4dPipeline(_pipeline_base()):
         kwargs = dict(dit=self.dit, latents=latents.to(self.torch_dtype),
                       timestep=timestep.to(dtype=self.torch_dtype, device=self.device),
                       clip_feature=cond.clip_feature, y=cond.y, video_tokens=cond.video_tokens)
-        positive = self.model_fn(context=cond.context, **kwargs).float()
         if cond.negative_context is None or cond.cfg == 1.0:
-            return positive
-        negative = self.model_fn(context=cond.negative_context, **kwargs).float()
+            return self.model_fn(context=cond.context, **kwargs).float()
+        if self.batch_cfg and cond.context.shape == cond.negative_context.shape:
+            both = self.model_fn(context=torch.cat([cond.context, cond.negative_context]), **kwargs).float()
+            positive, negative = both[:1], both[1:]
+        else:
+            positive = self.model_fn(context=cond.context, **kwargs).float()
+            negative = self.model_fn(context=cond.negative_context, **kwargs).float()
         return negative + cond.cfg * (positive - negative)
 
     @torch.no_grad()
