@@ -31,9 +31,10 @@ class VideoInfo:
 
     num_frames: int
     fps: float
-    width: int
+    width: int  # as displayed (after the file's rotation, e.g. a phone's portrait clip)
     height: int
     codec: str
+    rotation: int = 0  # degrees counter-clockwise applied to the stored pictures (0, 90, 180, 270)
 
 
 @dataclass
@@ -97,28 +98,45 @@ def _stream_fps(stream) -> float:
     return fps
 
 
+def _quarter_turns(frame) -> int:
+    """Counter-clockwise quarter turns that show ``frame`` upright (phones store portrait clips as
+    landscape pictures plus a display matrix; FFmpeg reports its angle as ``frame.rotation``)."""
+    angle = float(getattr(frame, "rotation", 0) or 0)
+    return int(round(angle / 90.0)) % 4
+
+
 def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Frame count, fps and size. The count comes from the container or, if it does not say, from
-    counting packets (no decoding)."""
+    """Frame count, fps and displayed size. The count comes from the container or, if it does not
+    say, from counting packets; one frame is decoded to learn the display rotation."""
     import av
 
     with _open_video(path) as (container, stream):
         count = int(stream.frames or 0)
-        if count <= 0:
-            try:
+        turns = 0
+        try:
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise VideoError(f"{path}: the video contains no decodable frames")
+            turns = _quarter_turns(first)
+            if count <= 0:
+                container.seek(0)
                 count = sum(1 for p in container.demux(stream) if p.size > 0)
-            except av.FFmpegError as e:
-                raise VideoError(f"{path}: the video is corrupt ({_short(e)})") from None
+        except av.FFmpegError as e:
+            raise VideoError(f"{path}: the video is corrupt ({_short(e)})") from None
         if count <= 0:
             raise VideoError(f"{path}: the video contains no frames")
         cc = stream.codec_context
         if not (cc.width and cc.height):
             raise VideoError(f"{path}: the video stream has no picture size")
-        return VideoInfo(count, _stream_fps(stream), int(cc.width), int(cc.height), str(cc.name))
+        w, h = int(cc.width), int(cc.height)
+        if turns % 2:
+            w, h = h, w
+        return VideoInfo(count, _stream_fps(stream), w, h, str(cc.name), 90 * turns)
 
 
 def read_video(path: str | os.PathLike, max_frames: int | None = None, start: int = 0) -> Video:
-    """Decode frames ``start .. start+max_frames`` (all by default) as RGB uint8."""
+    """Decode frames ``start .. start+max_frames`` (all by default) as RGB uint8, upright (the file's
+    display rotation applied, as players do)."""
     import av
 
     if start < 0:
@@ -133,7 +151,9 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None, start: in
         try:
             for frame in container.decode(stream):
                 if index >= start:
-                    frames.append(frame.to_ndarray(format="rgb24"))
+                    picture = frame.to_ndarray(format="rgb24")
+                    turns = _quarter_turns(frame)
+                    frames.append(np.ascontiguousarray(np.rot90(picture, turns)) if turns else picture)
                     if max_frames is not None and len(frames) >= max_frames:
                         break
                 index += 1

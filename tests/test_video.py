@@ -156,3 +156,25 @@ def test_fit_intrinsics_follow_the_pixels(mode, size):
     # and the fitted K maps the true point the same way as the box maps the source pixel grid
     assert px == pytest.approx((x - box.x0) * W / box.w, abs=1e-9)
     assert py == pytest.approx((y - box.y0) * H / box.h, abs=1e-9)
+
+
+def test_phone_rotation_is_applied(tmp_path):
+    """A phone's portrait clip: landscape pictures + a display matrix saying 'turn 90 degrees clockwise'
+    (the track header's matrix, as iPhones write it). Frames come out upright, as players show them."""
+    import struct
+
+    stored = np.zeros((2, 48, 64, 3), np.uint8)
+    stored[:, :10, :20] = 255  # a block at the stored picture's top-left
+    raw = bytearray(write_video(tmp_path / "plain.mp4", stored, 10).read_bytes())
+    tkhd = raw.find(b"tkhd")
+    assert tkhd > 0 and raw[tkhd + 4] == 0  # version 0 track header: the matrix starts 44 bytes after 'tkhd'
+    raw[tkhd + 44 : tkhd + 80] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    (tmp_path / "portrait.mp4").write_bytes(bytes(raw))
+
+    info = probe_video(tmp_path / "portrait.mp4")
+    assert (info.width, info.height, info.rotation) == (48, 64, 270)
+    frames = read_video(tmp_path / "portrait.mp4").frames
+    assert frames.shape == (2, 64, 48, 3)
+    ys, xs = np.nonzero(frames[0, ..., 0] > 128)
+    # turned clockwise: the block is now at the top-right, 10 wide and 20 tall
+    assert (ys.min(), xs.max()) == (0, 47) and ys.max() <= 20 and xs.min() >= 37
