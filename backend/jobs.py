@@ -38,7 +38,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
 
     def summary(self) -> dict[str, Any]:
-        out = {"job": self.id, "kind": self.kind, "state": self.state, "created": self.created}
+        out = {"kind": self.kind, "state": self.state, "created": self.created}
         if self.state == RUNNING:
             out.update(stage=self.stage, step=self.step, total=self.total, eta=self.eta, started=self.started)
         if self.finished:

@@ -245,19 +245,17 @@ class Server:
         self._peers[peer] = time.monotonic()
         if is_new:
             self._send(peer, "heartbeat", state="busy" if self.table.running else "idle", queue=self.table.queued())
+        msg = None
         try:
             msg = wire.decode(frames[1:], self.limits)
             if msg.type not in CLIENT_TYPES:
                 raise ProtocolError(f"'{msg.type}' is not a message a client sends")
             getattr(self, f"_on_{msg.type}")(peer, msg)
-        except ProtocolError as e:
-            self._send_error(peer, None, getattr(e, "code", "protocol"), str(e))
-        except Ex4dError as e:
-            job = getattr(e, "job_id", None)
-            self._send(peer, "error", job if wire.is_job_id(job) else None, **error_fields(e))
+        except Ex4dError as e:  # ProtocolError included: code protocol / version / too_large
+            self._send(peer, "error", msg.job if msg is not None else None, **error_fields(e))
         except Exception as e:  # a bug: report it, keep serving
             log("error while handling a message:\n" + traceback.format_exc())
-            self._send_error(peer, None, ERR_INTERNAL, f"{type(e).__name__}: {e}")
+            self._send_error(peer, msg.job if msg is not None else None, ERR_INTERNAL, f"{type(e).__name__}: {e}")
 
     # --- message handlers (socket thread) ---------------------------------------------------------
 
@@ -335,7 +333,7 @@ class Server:
             return
         running = self.table.running
         self._send(peer, "status", None, queue=self.table.queued(), max_queue=self.table.max_queue,
-                   running=running.id if running else None, jobs=[j.summary() for j in self.table.all()])
+                   running=running.id if running else None, jobs=[{"job": j.id, **j.summary()} for j in self.table.all()])
 
     def _on_fetch(self, peer, msg) -> None:
         job = self._job_or_error(peer, msg)

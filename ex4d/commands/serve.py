@@ -36,6 +36,8 @@ def register(sub) -> None:
     s.add_argument("--max-queue", type=int, default=8, metavar="N", help="jobs that may wait; more are answered 'busy' (default 8)")
     s.add_argument("--keys-dir", metavar="DIR", help="enable CURVE encryption with the keys from `ex4d keys generate`; "
                    "only clients whose public key is in DIR/authorized/ may connect")
+    s.add_argument("--max-message-mb", type=float, default=4096.0, metavar="MB",
+                   help="largest accepted message (all arrays of one job) in MiB; one array may use half (default 4096)")
     s.add_argument("--heartbeat", type=float, default=1.0, metavar="S", help="heartbeat interval in seconds (default 1)")
     s.set_defaults(func=cmd_serve)
 
@@ -144,8 +146,14 @@ def cmd_serve(args) -> int:
 
         server_secret(args.keys_dir)
         authorized_dir(args.keys_dir)
+    if args.max_message_mb <= 0:
+        raise InputError("--max-message-mb must be positive")
+    from ..protocol.wire import Limits
+
+    total = int(args.max_message_mb * 2**20)
+    limits = Limits(max_message_bytes=total, max_array_bytes=max(total // 2, 1))
     config = ServeConfig(bind=args.bind, jobs_dir=Path(args.jobs_dir), max_queue=args.max_queue, ttl_s=args.ttl * 3600.0,
-                         keys_dir=Path(args.keys_dir) if args.keys_dir else None, heartbeat_s=args.heartbeat)
+                         keys_dir=Path(args.keys_dir) if args.keys_dir else None, heartbeat_s=args.heartbeat, limits=limits)
     engine = Engine(generator=args.generator, models_dir=args.models, device=args.device, memory_mode=args.memory_mode,
                     depth_weights=args.depth_weights, renderer=args.renderer)
     engine.load()

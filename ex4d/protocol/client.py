@@ -164,7 +164,17 @@ class Client:
         if self._closed:
             raise errors.ConnectionLost("client is closed")
         frames = encode(type, job, arrays, **fields)
-        self._sock.send_multipart(frames, copy=len(frames) == 1)
+        try:
+            # Never block: with no connection at all (backend never reached, or a refused CURVE handshake) a
+            # DEALER's send would wait forever - in Blender that would freeze the UI.
+            self._sock.send_multipart(frames, flags=self._zmq.NOBLOCK, copy=len(frames) == 1)
+        except self._zmq.Again:
+            if type == "heartbeat":
+                return
+            raise errors.ConnectionLost(
+                f"cannot reach the backend at {self.address} (no connection; is `ex4d serve` running there, and do "
+                "the CURVE keys match?)"
+            ) from None
         self._last_tx = time.monotonic()
 
     def _heartbeat(self) -> None:
