@@ -10,9 +10,9 @@ by ``ex4d addon build``. bpy is imported only inside register(), so ``core`` is 
 
 
 def _modules():
-    from .blender import jobs, operators, panels, props, workflow  # noqa: F401  (workflow registers result handlers)
+    from .blender import jobs, operators, panels, props, viewport, workflow  # noqa: F401  (workflow: result handlers)
 
-    return props, operators, panels, jobs
+    return props, operators, panels, jobs, viewport
 
 
 def register():

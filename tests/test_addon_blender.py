@@ -111,6 +111,11 @@ def test_painted_validity_reaches_the_guides(run):
     assert s["mask_px_after"] < s["mask_px_before"]
 
 
+def test_show_validity_follows_the_frame(run):
+    s = ok(run, "show_validity")
+    assert s["equal"] and s["active_while_on"] == "ex4d_mask" and s["active_after"] == "ex4d_valid"
+
+
 def test_generate_with_progress(run):
     s = ok(run, "generate")
     assert s["state"] == "done", s["message"]

@@ -234,13 +234,3 @@ def evaluated_positions(obj, depsgraph) -> np.ndarray:
         return co.reshape(-1, 3)
     finally:
         ev.to_mesh_clear()
-
-
-def mask_frame_handler(scene, depsgraph=None):
-    """frame_change_pre: keep ``ex4d_mask`` of every DW-mesh at the current frame (viewport shows it)."""
-    for obj in scene.objects:
-        if obj.type == "MESH" and PROP_SHOT in obj and obj.data.attributes.get(f"{validity.AUTO_PREFIX}0") is not None:
-            t = min(max(scene.frame_current - int(obj[PROP_FRAME_START]), 0), int(obj[PROP_FRAMES]) - 1)
-            if obj.data.get("ex4d_mask_frame") != t:
-                update_mask_attribute(obj.data, t)
-                obj.data["ex4d_mask_frame"] = t

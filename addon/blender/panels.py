@@ -51,7 +51,8 @@ class EX4D_PT_shot(_Panel, bpy.types.Panel):
         row.enabled = p.has_shot and not jobs.busy(p)
         row.operator("ex4d.reconstruct", icon="MESH_GRID")
         if p.mesh is not None:
-            layout.label(text=f"{p.mesh.name}: paint '{'ex4d_valid'}' black to regenerate", icon="BRUSH_DATA")
+            layout.prop(p, "show_validity", icon="HIDE_OFF")
+            layout.label(text="Vertex Paint 'ex4d_valid' black = regenerate", icon="BRUSH_DATA")
 
 
 class EX4D_PT_camera(_Panel, bpy.types.Panel):

@@ -21,6 +21,12 @@ PRESET_ITEMS = [
 ]
 
 
+def _show_validity_changed(self, context):
+    from . import viewport
+
+    viewport.set_enabled(context.scene, self.show_validity)
+
+
 class EX4D_SceneProps(bpy.types.PropertyGroup):
     # connection
     address: StringProperty(name="Backend", default="tcp://127.0.0.1:5555",
@@ -56,6 +62,10 @@ class EX4D_SceneProps(bpy.types.PropertyGroup):
     source_camera: PointerProperty(name="Source camera", type=bpy.types.Object)
     output_dir: StringProperty(name="Output", subtype="DIR_PATH", default="//ex4d/",
                                description="Folder for guide renders and generated shots (// = next to the .blend)")
+
+    show_validity: BoolProperty(name="Show Validity", default=False, update=_show_validity_changed,
+                                description="Colour the DW-mesh by the current frame's guide mask (white = source, "
+                                            "black = generated); turn off to paint ex4d_valid")
 
     # camera moves
     preset: EnumProperty(name="Move", items=PRESET_ITEMS, default="30")

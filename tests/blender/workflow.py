@@ -203,6 +203,24 @@ def _():
             "left_half_after": int(mask[:, :, : props.width // 2].sum()), "state": props.job_state}
 
 
+@step("show_validity")
+def _():
+    me = props.mesh.data
+    props.show_validity = True
+    t = props.num_frames - 2
+    scene.frame_set(props.frame_start + t)
+    col = np.empty(len(me.loops) * 4, np.float32)
+    me.color_attributes["ex4d_mask"].data.foreach_get("color", col)
+    starts = np.empty(len(me.polygons), np.int32)
+    me.polygons.foreach_get("loop_start", starts)
+    shown = col.reshape(-1, 4)[starts, 0] > 0.5
+    want = dwmesh.frame_face_mask(me, t)
+    active = me.color_attributes.active_color_name
+    props.show_validity = False
+    return {"equal": bool((shown == want).all()), "active_while_on": active,
+            "active_after": me.color_attributes.active_color_name}
+
+
 @step("generate")
 def _():
     res = bpy.ops.ex4d.generate()
