@@ -111,6 +111,30 @@ class Preprocess:
         return x.to(dtype)
 
 
+def published_config(size: str = "small") -> dict:
+    """config.json of ``Depth-Anything-V2-{Small,Base,Large}-hf`` (for random-weight benchmarks; loading
+    reads the snapshot's own file). ``size="tiny"``: same classes, test sizes."""
+    sizes = {  # hidden, layers, heads, taps, fusion, head, neck
+        "small": (384, 12, 6, [3, 6, 9, 12], 64, 32, [48, 96, 192, 384]),
+        "base": (768, 12, 12, [3, 6, 9, 12], 128, 32, [96, 192, 384, 768]),
+        "large": (1024, 24, 16, [5, 12, 18, 24], 256, 32, [256, 512, 1024, 1024]),
+        "tiny": (32, 4, 2, [1, 2, 3, 4], 16, 8, [8, 16, 32, 32]),
+    }
+    hidden, layers, heads, taps, fusion, head, neck = sizes[size]
+    return {
+        "model_type": "depth_anything",
+        "backbone_config": {
+            "model_type": "dinov2", "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "mlp_ratio": 4, "image_size": 518 if size != "tiny" else 56,
+            "patch_size": 14, "layerscale_value": 1.0, "out_indices": taps,
+            "out_features": [f"stage{i}" for i in taps], "reshape_hidden_states": False, "apply_layernorm": True,
+        },
+        "reassemble_hidden_size": hidden, "reassemble_factors": [4, 2, 1, 0.5], "neck_hidden_sizes": neck,
+        "fusion_hidden_size": fusion, "head_hidden_size": head, "head_in_index": -1,
+        "depth_estimation_type": "relative", "max_depth": 1, "patch_size": 14,
+    }
+
+
 def _to_multiple(value: float, multiple: int) -> int:
     out = int(round(value / multiple) * multiple)
     return max(out, multiple)
@@ -153,6 +177,26 @@ class DepthAnythingV2(DepthModel):
         loading_info_error(name, str(files["weights"]), info)
         model = model.to(device=device, dtype=dtype).eval()
         return cls(name, model, preprocess, settings, device, dtype, mapping)
+
+    @classmethod
+    def build_random(cls, size: str = "small", device=None, dtype=None, settings=None, mapping=None, seed: int = 0):
+        """Random weights from :func:`published_config` (benchmarks; no files)."""
+        import torch
+        from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        cfg = published_config(size)
+        backbone = Dinov2Config(**{k: v for k, v in cfg["backbone_config"].items() if k != "model_type"})
+        config = DepthAnythingConfig(backbone_config=backbone, **{k: v for k, v in cfg.items()
+                                                                  if k not in ("model_type", "backbone_config")})
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = DepthAnythingForDepthEstimation(config)
+        settings = settings or DepthAnythingV2Settings(input_size=56 if size == "tiny" else None)
+        name = f"depth-anything-v2-{size}" if size != "tiny" else "depth-anything-v2-small"
+        return cls(name, model.to(device=device, dtype=dtype).eval(), Preprocess(height=settings.input_size or 518,
+                   width=settings.input_size or 518), settings, device, dtype, mapping)
 
     def memory_hint(self) -> str:
         return f"the batch size (now {self.settings.batch_size}) or the input size (now {self.preprocess.height})"

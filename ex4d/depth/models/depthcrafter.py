@@ -183,9 +183,10 @@ class DepthCrafter(DepthModel):
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         torch.manual_seed(seed)
-        unet = UNetSpatioTemporalConditionModel(**configs["unet"])
-        vae = AutoencoderKLTemporalDecoder(**configs["vae"])
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**configs["image_encoder"]))
+        with torch.device(device):  # initialise where it will run (full size: seconds on a GPU, not minutes)
+            unet = UNetSpatioTemporalConditionModel(**configs["unet"])
+            vae = AutoencoderKLTemporalDecoder(**configs["vae"])
+            image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**configs["image_encoder"]))
         scheduler = EulerDiscreteScheduler(**configs["scheduler"])
         fe = configs["feature_extractor"]
         return cls(unet, vae, image_encoder, scheduler, fe["image_mean"], fe["image_std"],

@@ -96,12 +96,6 @@ TINY = VDAConfig(embed_dim=64, depth=4, num_heads=1, image_size=56, features=32,
 # --------------------------------------------------------------------------------------------------
 
 
-def _nn():
-    import torch.nn as nn
-
-    return nn
-
-
 def build_network(config: VDAConfig):
     """A randomly initialised network of ``config`` (call under accelerate.init_empty_weights to skip init)."""
     import torch
@@ -474,8 +468,9 @@ class VideoDepthAnything(DepthModel):
 
         device = resolve_device(device)
         torch.manual_seed(seed)
-        return cls(build_network(config), settings or VideoDepthAnythingSettings(), device,
-                   resolve_dtype(dtype, device), mapping)
+        with torch.device(device):
+            network = build_network(config)
+        return cls(network, settings or VideoDepthAnythingSettings(), device, resolve_dtype(dtype, device), mapping)
 
     @classmethod
     def load(cls, name, weights_dir, device=None, dtype=None, settings: VideoDepthAnythingSettings | None = None,
@@ -529,10 +524,8 @@ class VideoDepthAnything(DepthModel):
                 if previous is not None:  # condition on the previous window's keyframes
                     indices[:OVERLAP] = [previous[k] for k in KEYFRAMES]
                 previous = indices
-                x = torch.from_numpy(np.ascontiguousarray(frames[indices])).to(self.device)
-                x = x.permute(0, 3, 1, 2).float() / 255.0
-                x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
-                x = ((x - mean) / std)[None]
+                x = torch.from_numpy(_resize_like_release(frames, indices, h, w)).to(self.device)
+                x = ((x.permute(0, 3, 1, 2) - mean) / std)[None]
                 with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=half):
                     depth = self.network(x, micro_batch=self.settings.micro_batch)[0].float()
                 depth = F.interpolate(depth[:, None], size=(H, W), mode="bilinear", align_corners=True)[:, 0]
@@ -560,6 +553,20 @@ def stitch_windows(windows: list[list[np.ndarray]], num_frames: int) -> np.ndarr
         aligned += [fit(win[i]) for i in range(OVERLAP, INFER_LEN)]
         reference = reference[:1] + [fit(win[k]) for k in ref_keys[1:]]
     return np.stack(aligned[:num_frames]).astype(np.float32)
+
+
+def _resize_like_release(frames: np.ndarray, indices, h: int, w: int) -> np.ndarray:
+    """(len(indices), h, w, 3) float32 in [0, 1], resized with OpenCV's bicubic as the release does
+    (each distinct frame once)."""
+    import cv2
+
+    cache = {}
+    out = np.empty((len(indices), h, w, 3), dtype=np.float32)
+    for j, i in enumerate(indices):
+        if i not in cache:
+            cache[i] = cv2.resize(frames[i].astype(np.float32) / 255.0, (w, h), interpolation=cv2.INTER_CUBIC)
+        out[j] = cache[i]
+    return out
 
 
 def _lower_bound_multiple(value: float, minimum: int, multiple: int = 14) -> int:
