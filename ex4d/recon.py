@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .camera import CameraPath, Intrinsics, write_transforms
-from .errors import CameraFileError, Cancelled, InputError
+from .errors import CameraFileError, Cancelled, Ex4dError, InputError
 
 MESH_METHODS = ("ours", "ex4d", "torn")
 RENDERERS = ("auto", "torch", "nvdiffrast")
@@ -179,15 +179,42 @@ def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
     except OSError as e:
         raise InputError(f"cannot create the output folder {out_dir} ({e.strerror})") from None
     stage = out_dir / f".ex4d-partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    stage.mkdir()
     try:
+        stage.mkdir()
         yield stage
-        for item in sorted(stage.iterdir()):
-            os.replace(item, out_dir / item.name)
+        _move_all(stage, out_dir)
+    except OSError as e:  # disk full, permissions, a vanished folder: one line, nothing left behind
+        raise Ex4dError(f"cannot write the results to {out_dir} ({e.strerror or e})") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         if created and out_dir.exists() and not any(out_dir.iterdir()):
             out_dir.rmdir()
+
+
+def _move_all(stage: Path, out_dir: Path) -> None:
+    """Move every file of ``stage`` into ``out_dir``; if one move fails, undo the others (older files
+    of the same names come back), so ``out_dir`` ends with all new files or none."""
+    backup = stage / ".replaced"
+    backup.mkdir()
+    moved: list[tuple[Path, Path | None]] = []
+    try:
+        for item in sorted(p for p in stage.iterdir() if p != backup):
+            target = out_dir / item.name
+            old = None
+            if target.is_file() or target.is_symlink():
+                old = backup / item.name
+                os.replace(target, old)
+            os.replace(item, target)
+            moved.append((target, old))
+    except OSError:
+        for target, old in reversed(moved):
+            try:
+                target.unlink()
+                if old is not None:
+                    os.replace(old, target)
+            except OSError:
+                pass
+        raise
 
 
 def guide_file_names(name: str) -> dict[str, str]:

@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from .camera import Intrinsics
-from .errors import InputError, VideoError
+from .errors import Ex4dError, InputError, VideoError
 
 FIT_MODES = ("resize", "crop")
 
@@ -263,6 +263,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextmanager
+def _encoder_errors(path: Path):
+    import av
+
+    try:
+        yield
+    except av.FFmpegError as e:
+        raise Ex4dError(f"cannot write {path} ({_short(e)})") from None
+
+
 def even_size(width: int, height: int) -> tuple[int, int]:
     return width + (width & 1), height + (height & 1)
 
@@ -291,7 +301,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, crf: in
         warnings.warn(f"{path.name}: padded {w}x{h} to {W}x{H} (H.264 yuv420p needs even sizes)", stacklevel=2)
         frames = np.pad(frames, ((0, 0), (0, H - h), (0, W - w), (0, 0)), mode="edge")
     rate = Fraction(fps).limit_denominator(1001)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, _encoder_errors(path):
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=rate)
             stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"

@@ -57,6 +57,11 @@ def test_recon_preset_in_process(tmp_path, tiny_clip, capsys):
     assert "intrinsics: depth file" in stdout  # K came from depth.npz
     np.testing.assert_allclose(g["path"].K[0], tiny_clip.K)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.format(n="orbit_right") for p in GUIDE_FILES)
+    # again into the same folder, shorter: every file is replaced, nothing else is left behind
+    code, _, err = run_cli(["recon", tiny_clip.video, "--depth", tiny_clip.depth_file, "--frames", "3", "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.format(n="orbit_right") for p in GUIDE_FILES)
+    assert probe_video(out / "color_orbit_right.mp4").num_frames == 3
 
 
 def test_recon_trajectory_crop_size_mesh_as_subprocess(tmp_path, tiny_clip):
@@ -298,3 +303,23 @@ def test_readme_main_job_on_the_example(tmp_path, capsys):
     assert code == 0, err
     assert (out / "shot_orbit_right.mp4").is_file()
     assert probe_video(out / "shot_orbit_right.mp4").num_frames == 8
+
+
+def test_write_failure_is_one_line_and_leaves_nothing(tmp_path, tiny_clip):
+    """A failure while writing (here: a name that is a folder already, so the final move fails)."""
+    from ex4d.errors import Ex4dError
+    from ex4d.pipeline import ShotResult, write_shot
+    from ex4d.render import Guides
+
+    T, H, W = 2, 8, 10
+    guides = Guides(np.zeros((T, H, W, 3), np.uint8), np.ones((T, H, W), bool), np.zeros((T, H, W), np.float32))
+    path = CameraPath(np.repeat(np.eye(4)[None], T, 0), Intrinsics.from_focal(10, W, H).K, W, H, name="x")
+    out = tmp_path / "out"
+    (out / "render_x.npz").mkdir(parents=True)  # os.replace of a file onto a non-empty folder fails
+    (out / "render_x.npz" / "keep").write_text("")
+    (out / "color_x.mp4").write_bytes(b"earlier result")  # moved before render_x.npz: must come back
+    with pytest.raises(Ex4dError, match="cannot write the results") as e:
+        write_shot(out, "x", ShotResult(None, guides, path), 10.0)
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in out.iterdir()) == ["color_x.mp4", "render_x.npz"]  # all new files or none
+    assert (out / "color_x.mp4").read_bytes() == b"earlier result"
