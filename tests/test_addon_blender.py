@@ -91,6 +91,7 @@ def test_presets_match_ex4d_camera_through_the_rig(run):
             assert r["result"] == ["FINISHED"] and r["keyed"]
             assert r["max_err"] < 1e-5, (name, r)
             assert r["K_err"] < 1e-3, (name, r)
+    assert s["after_moving_rig_err"] < 1e-5
 
 
 def test_transforms_json_round_trip(run):

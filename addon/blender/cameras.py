@@ -28,11 +28,15 @@ def camera_K(cam_obj, width: int, height: int) -> np.ndarray:
     return K_from_lens(d.lens, d.sensor_width, d.shift_x, d.shift_y, width, height, d.sensor_fit, d.sensor_height)
 
 
-def new_camera(scene, name: str):
+def new_camera(scene, name: str, rig=None):
+    """A camera for a move; parented to the shot's rig so moving the rig moves the whole shot."""
     data = bpy.data.cameras.new(name)
     data.clip_start = 0.01
     obj = bpy.data.objects.new(name, data)
     scene.collection.objects.link(obj)
+    if rig is not None:
+        obj.parent = rig
+        obj.matrix_parent_inverse = Matrix.Identity(4)
     return obj
 
 
@@ -93,7 +97,7 @@ def import_transforms(scene, props, filepath: str, cam_obj=None):
     if props.has_shot and (path.width, path.height) != (props.width, props.height):
         path = path.resized(props.width, props.height)
     if cam_obj is None:
-        cam_obj = new_camera(scene, f"EX4D {path.name}")
+        cam_obj = new_camera(scene, path.name if path.name.startswith("EX4D") else f"EX4D {path.name}", props.rig)
     key_path(cam_obj, path, props.frame_start, rig_world(props))
     return cam_obj, path
 

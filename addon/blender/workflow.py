@@ -171,7 +171,7 @@ def key_preset(scene, preset: str, cam_obj=None, angle_deg: float = 30.0, distan
     require_shot(props)
     path = cameras.preset(props, preset, angle_deg, distance_factor)
     if cam_obj is None:
-        cam_obj = cameras.new_camera(scene, f"EX4D {preset} {props.shot_name}")
+        cam_obj = cameras.new_camera(scene, f"EX4D {preset} {props.shot_name}", props.rig)
     cameras.key_path(cam_obj, path, props.frame_start, cameras.rig_world(props))
     scene.camera = cam_obj
     return cam_obj, path

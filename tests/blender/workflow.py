@@ -144,6 +144,18 @@ def _():
         want = bcams.preset(props, name, 30.0, 0.0)
         out[name] = {"result": sorted(res), "camera": cam.name, "max_err": float(np.abs(got.c2w - want.c2w).max()),
                      "K_err": float(np.abs(got.K - want.K).max()), "keyed": cam.animation_data is not None}
+    # moving the rig places the whole shot elsewhere: the move, read relative to the rig, is unchanged
+    from mathutils import Matrix
+
+    saved = props.rig.matrix_world.copy()
+    props.rig.matrix_world = Matrix.Translation((1.0, -2.0, 0.5)) @ Matrix.Rotation(0.4, 4, "Z") @ saved
+    bpy.context.view_layer.update()
+    cam = bpy.data.objects[out["60"]["camera"]]
+    got = bcams.read_path(scene, cam, props.frame_start, props.num_frames, props.width, props.height,
+                          np.array(props.rig.matrix_world))
+    out["after_moving_rig_err"] = float(np.abs(got.c2w - bcams.preset(props, "60", 30.0, 0.0).c2w).max())
+    props.rig.matrix_world = saved
+    bpy.context.view_layer.update()
     return out
 
 
