@@ -25,6 +25,7 @@ from .errors import DepthError, InputError
 from .recon import Progress, _check_cancel, check_name, check_path_for_video, reconstruct, render_path
 
 DEFAULT_PRESET = "orbit_right"
+LARGE_WORKING_PIXELS = 1280 * 720  # above this, say that the shot will be slow and larger than the model's
 
 
 @dataclass
@@ -126,6 +127,11 @@ def load_shot_inputs(
         raise InputError(f"--frames {num_frames}: the video has only {info.num_frames} frames")
     W, H = size if size is not None else default_working_size(info.width, info.height)
     fit_box(info.width, info.height, W, H, fit)  # validates the mode and size before any decoding
+    if W * H > LARGE_WORKING_PIXELS:
+        warnings.warn(
+            f"working size {W}x{H} makes a {W * H / 1e6:.1f} M-vertex mesh per frame: slow on a CPU and far above "
+            "the ex4d generator's 512x512; pass e.g. --size 512x288 for a quicker preview"
+        )
 
     data = None
     if depth is not None:  # load before decoding the video: a bad depth file fails fast
