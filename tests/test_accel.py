@@ -1,0 +1,154 @@
+"""CPU checks of the speed/memory levers (ex4d.generate.accel / offload) on a tiny real diffsynth WanModel.
+
+Every lever must fall back cleanly where it cannot run (FP8, cuDNN, compile on CPU) and the ones that run
+must compute the same function as diffsynth's code. No timing here (see bench/ and docs/bench-perf.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffsynth")
+
+from ex4d.generate import accel, offload  # noqa: E402
+
+TINY = dict(dim=256, in_dim=36, ffn_dim=512, out_dim=16, text_dim=32, freq_dim=256, eps=1e-6, patch_size=(1, 2, 2),
+            num_heads=2, num_layers=3, has_image_input=True)
+
+
+def tiny_dit(seed=0):
+    from diffsynth.models.wan_video_dit import WanModel
+
+    torch.manual_seed(seed)
+    dit = WanModel(**TINY).eval().requires_grad_(False)
+    for block in dit.blocks:  # non-trivial modulation so every branch matters
+        block.modulation.data.normal_(0, 0.5)
+    return dit
+
+
+def inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return dict(latents=r(1, 16, 2, 8, 8), y=r(1, 20, 2, 8, 8), clip_feature=r(1, 257, 1280),
+                context_posi=r(1, 12, 32), context_nega=r(1, 12, 32), timestep=torch.tensor([700.0]))
+
+
+def predict(dit, x, batched, scale=5.0):
+    from diffsynth.pipelines.wan_video import model_fn_wan_video
+
+    with torch.no_grad():
+        return accel.cfg_noise_pred(model_fn_wan_video, dit, latents=x["latents"], timestep=x["timestep"],
+                                    context_posi=x["context_posi"], context_nega=x["context_nega"], cfg_scale=scale,
+                                    batched=batched, clip_feature=x["clip_feature"], y=x["y"])
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_cfg_batch_equals_two_passes():
+    dit, x = tiny_dit(), inputs()
+    two = predict(dit, x, batched=False)
+    one = predict(dit, x, batched=True)
+    assert one.shape == two.shape == x["latents"].shape
+    assert rel(one, two) < 1e-5
+
+
+def test_cfg_scale_one_is_a_single_pass():
+    dit, x = tiny_dit(), inputs()
+    calls = []
+
+    def model_fn(**kw):
+        calls.append(kw["context"].shape[0])
+        return kw["latents"] * 0 + 1
+
+    accel.cfg_noise_pred(model_fn, dit, latents=x["latents"], timestep=x["timestep"], context_posi=x["context_posi"],
+                         context_nega=x["context_nega"], cfg_scale=1.0)
+    assert calls == [1]
+
+
+def test_real_rope_matches_diffsynth_complex_rope():
+    from diffsynth.models.wan_video_dit import precompute_freqs_cis_3d, rope_apply
+
+    f, h, w, heads, hd = 2, 3, 4, 2, 128
+    freqs3 = precompute_freqs_cis_3d(hd)
+    freqs = torch.cat([freqs3[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+                       freqs3[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
+                       freqs3[2][:w].view(1, 1, w, -1).expand(f, h, w, -1)], dim=-1).reshape(f * h * w, 1, -1)
+    x = torch.randn(2, f * h * w, heads * hd)
+    cos, sin = accel.rope_cos_sin(freqs)
+    assert rel(accel.rope_real(x, cos, sin, heads), rope_apply(x, freqs, heads)) < 1e-6
+
+
+def test_patched_block_forward_is_the_same_function():
+    dit, x = tiny_dit(), inputs()
+    ref = predict(dit, x, batched=False)
+    accel.patch_block_forwards(dit)
+    try:
+        assert rel(predict(dit, x, batched=False), ref) < 1e-5
+        assert rel(predict(dit, x, batched=True), ref) < 1e-5
+    finally:
+        accel.unpatch_block_forwards(dit)
+    assert "forward" not in dit.blocks[0].__dict__
+
+
+def test_apply_levers_on_cpu_falls_back_with_notices():
+    dit, x = tiny_dit(), inputs()
+    ref = predict(dit, x, batched=False)
+    notices = []
+    report = accel.apply_speed_levers(dit, accel.ALL_LEVERS, notice=notices.append)
+    assert set(report.skipped) == {"fp8", "cudnn_attention", "compile"}
+    assert "fused_rope" in report.applied
+    assert len(notices) == 3 and all("CPU" in n or "CUDA" in n for n in notices)
+    assert all(isinstance(b.ffn[0], torch.nn.Linear) for b in dit.blocks)  # weights untouched
+    assert rel(predict(dit, x, batched=True), ref) < 1e-5
+
+
+def test_unknown_lever_is_refused():
+    with pytest.raises(ValueError, match="unknown speed levers"):
+        accel.apply_speed_levers(tiny_dit(), ["warp_drive"])
+
+
+def test_fp8_support_probe_on_cpu():
+    ok, why = accel.fp8_supported("cpu")
+    assert not ok and "CPU" in why
+
+
+def test_row_quantisation_roundtrip():
+    x = torch.randn(64, 256) * torch.logspace(-2, 2, 64)[:, None]  # rows of very different scales
+    q, scale = accel.quantize_rows_fp8(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (64, 1)
+    back = q.float() * scale
+    assert float(back.abs().amax(dim=1).sub(x.abs().amax(dim=1)).abs().max()) < 1e-3 * float(x.abs().max())
+    assert rel(back, x) < 0.05  # e4m3: 3 mantissa bits
+
+
+def test_block_offloader_cpu_path_keeps_outputs_and_restores():
+    dit, x = tiny_dit(), inputs()
+    ref = predict(dit, x, batched=True)
+    off = offload.BlockOffloader(dit.blocks, "cpu", resident=1)
+    assert off.streamed == [1, 2]
+    for _ in range(2):  # twice: the wrap-around prefetch of the next forward must be right too
+        assert rel(predict(dit, x, batched=True), ref) < 1e-6
+    off.close(restore_to="cpu")
+    assert not dit.blocks[1]._forward_pre_hooks
+    assert rel(predict(dit, x, batched=True), ref) < 1e-6
+
+
+def test_blocks_that_fit():
+    dit = tiny_dit()
+    per = offload.module_bytes(dit.blocks[0])
+    assert offload.blocks_that_fit(list(dit.blocks), per) == 0
+    assert offload.blocks_that_fit(list(dit.blocks), 4 * per) == 2
+    assert offload.blocks_that_fit(list(dit.blocks), 100 * per) == 3
+
+
+def test_module_swapper_cpu():
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    ref = lin(x)
+    swap = offload.ModuleSwapper(lin, "cpu")
+    with swap.on_device() as m:
+        assert torch.equal(m(x), ref)
+    assert torch.equal(lin(x), ref)
