@@ -5,6 +5,8 @@ expensive part); each test checks one promise from its findings."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 
 import numpy as np
@@ -31,6 +33,8 @@ def run(tmp_path_factory):
     report = tmp / "workflow.json"
     assert report.exists(), f"Blender script failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     data = json.loads(report.read_text())
+    if os.environ.get("EX4D_KEEP_ADDON_REPORT"):  # for docs/bench-addon.md
+        shutil.copy(report, os.environ["EX4D_KEEP_ADDON_REPORT"])
     data["wall_s"] = wall
     data["tmp"] = tmp
     return data
@@ -153,6 +157,19 @@ def test_artist_edits_reach_the_guides(run):
     assert s["deleted"] > 0 and max(s["pos_err"]) < 1e-5
     assert s["state"] == "done", s["message"]
     assert s["mask_px_after"] < s["mask_px_before"]
+
+
+def test_reconnect_follows_a_running_job(run):
+    s = ok(run, "reattach_running")
+    assert s["result"] == ["FINISHED"] and s["step_after"] > s["step_before"]
+    assert s["final_state"] == "cancelled"
+
+
+def test_frame_range_maps_footage_frames(run):
+    s = ok(run, "frame_range_import")
+    assert s["state"] == "done" and s["frame_range"] == [1, 5]
+    assert s["mask_fraction"] > 0.9  # the source camera sees everything
+    assert s["err_right_frames"] < 3 < s["err_frames_0_4"]
 
 
 def test_backend_death_is_noticed_and_reported(run):

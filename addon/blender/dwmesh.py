@@ -141,7 +141,7 @@ def footage_material(name: str, image, frame_start: int, first_frame: int, num_f
     iu = tex.image_user
     iu.frame_start = int(frame_start)
     iu.frame_offset = int(first_frame)
-    iu.frame_duration = int(first_frame + num_frames)
+    iu.frame_duration = int(num_frames)  # Blender: movie frame = (scene frame - start + 1, clamped to this) + offset
     iu.use_auto_refresh = True
     emit = nt.nodes.new("ShaderNodeEmission")
     out = nt.nodes.new("ShaderNodeOutputMaterial")

@@ -339,6 +339,50 @@ def _():
             "message": p.job_message}
 
 
+@step("reattach_running")
+def _():
+    """Reconnecting while a job runs: progress now comes to the new connection."""
+    sc = bpy.context.scene
+    p = sc.ex4d
+    color, mask = harness.sub("blender.guides").load_guides(p.guides_dir, p.num_frames)
+    jobs.submit(sc, "generate", {"steps": 400, "seed": 3}, {"color": color, "mask": mask})
+    harness.pump(sc, lambda: p.job_step > 0, 60)
+    bpy.ops.ex4d.disconnect()
+    time.sleep(0.5)
+    res = bpy.ops.ex4d.connect()
+    step0 = p.job_step
+    harness.pump(sc, lambda: p.job_step > step0 + 1, 60)
+    out = {"result": sorted(res), "state": p.job_state, "step_before": step0, "step_after": p.job_step}
+    bpy.ops.ex4d.cancel()
+    harness.pump(sc, lambda: p.job_state != "running", 60)
+    out["final_state"] = p.job_state
+    return out
+
+
+@step("frame_range_import")
+def _():
+    """Video frames 3..7: the footage material and the guides show frame 3+t at shot frame t."""
+    sc = bpy.context.scene
+    p = sc.ex4d
+    res = bpy.ops.ex4d.import_video(filepath=VIDEO, first_frame=3, num_frames=5, width=64, height=48, fov_deg=60.0)
+    p.source_camera = None
+    bpy.ops.ex4d.reconstruct(depth_file=DEPTH)
+    harness.pump(sc, lambda: p.job_state != "running", 120)
+    sc.camera = p.source_camera
+    workflow.start_guides(sc)
+    harness.pump(sc, lambda: p.job_state != "running", 120, sleep_s=0)
+    color, mask = harness.sub("blender.guides").load_guides(p.guides_dir, p.num_frames)
+    full = np.load(os.path.join(OUT, "frames_blender.npy")).astype(int)  # video frames 0..8
+    m = mask.astype(bool)
+
+    def mae(a, b):
+        return float(np.abs(a.astype(int) - b)[m].mean())
+
+    return {"result": sorted(res), "state": p.job_state, "mask_fraction": float(m.mean()),
+            "err_right_frames": mae(color, full[3:8]), "err_frames_0_4": mae(color, full[0:5]),
+            "frame_range": [sc.frame_start, sc.frame_end]}
+
+
 @step("backend_dies")
 def _():
     sc = bpy.context.scene
