@@ -174,6 +174,9 @@ def main():
     p.add_argument("--profile", default="ref,cudnn+fused_rope+cfg_batch+compile,ours: cudnn+fused_rope+cfg_batch+compile+fp8",
                    help="phases to profile (one step, top GPU kernels)")
     p.add_argument("--attn-micro", action="store_true", help="time SDPA backends at the model's attention shape")
+    p.add_argument("--fp8-subsets", default="",
+                   help="cumulative FP8 linear sets to measure after the compiled bf16 phase, e.g. "
+                        "'ffn.0,ffn.2;self_attn.v,self_attn.o' (each phase named compile+fp8[...])")
     p.add_argument("--truth", action="store_true", help="also compare every lever with an fp32 run of the same weights")
     args = p.parse_args()
     if args.tiny:
@@ -333,6 +336,21 @@ def main():
         accel.unpatch_block_forwards(dit)
         accel.patch_block_forwards(dit, attention=attention, compile_blocks=True, compile_backend=args.compile_backend)
         phase("cudnn+fused_rope+cfg_batch+compile", batched=True)
+
+    # 3b. FP8 on growing sets of linears: which ones cost the drift.
+    if args.fp8_subsets and accel.fp8_supported(B.device)[0]:
+        done: list[str] = []
+        for subset in args.fp8_subsets.split(";"):
+            names = tuple(n.strip() for n in subset.split(",") if n.strip())
+            done += names
+            accel.unpatch_block_forwards(dit)
+            accel.convert_blocks_to_fp8(dit, names=names)
+            torch.cuda.empty_cache()
+            accel.patch_block_forwards(dit, attention=attention, compile_blocks=True, compile_backend=args.compile_backend)
+            label = f"compile+fp8[{'+'.join(done)}]"
+            if phases is not None:
+                phases.append(label)
+            phase(label, batched=True)
 
     # 4. memory: bf16 weights streamed block-wise under a 24 GB cap.
     def capped(name, cap_gib, resident_fn):
