@@ -4,9 +4,9 @@ Weights: a local snapshot of the Hugging Face repo ``depth-anything/Depth-Anythi
 (``config.json``, ``model.safetensors``, ``preprocessor_config.json``). Small is Apache-2.0; Base and
 Large are CC-BY-NC-4.0 (non-commercial).
 
-Frames are processed per frame, in batches, with the preprocessing that the snapshot's image
-processor config describes (resize keeping the aspect ratio to a multiple of 14, ImageNet
-normalisation), done in torch on the model's device. The per-frame relative disparity is then
+Frames are processed per frame, in batches, through the snapshot's own image processor
+(``preprocessor_config.json``: resize keeping the aspect ratio to a multiple of 14, ImageNet
+normalisation; on the model's device with transformers' torchvision backend). The per-frame relative disparity is then
 aligned across the clip (:func:`ex4d.depth.models.align.align_disparity_sequence`), since each frame
 has its own unknown scale and shift.
 """
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ... import errors
 from .align import AlignConfig, align_disparity_sequence
 from .base import (DepthModel, DisparityToDepth, check_cancel, loading_info_error, read_json, report,
                    require_files, resolve_device, resolve_dtype, weights_folder, wrap_loading_errors)
@@ -47,68 +48,50 @@ class DepthAnythingV2Settings:
     align: AlignConfig = field(default_factory=AlignConfig)
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    """The subset of DPTImageProcessor's config that Depth Anything uses."""
+class FramePreprocessor:
+    """Runs the snapshot's own image processor (``DPTImageProcessor``: resize keeping the aspect ratio
+    to a multiple of 14, bicubic with antialiasing, rescale, ImageNet normalisation) on a batch of
+    frames, on the model's device where the processor supports it (transformers' torchvision backend)."""
 
-    height: int = 518
-    width: int = 518
-    keep_aspect_ratio: bool = True
-    multiple: int = 14
-    resample: int = 3  # PIL code: 3 bicubic, 2 bilinear
-    rescale_factor: float = 1 / 255
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
-    normalize: bool = True
+    def __init__(self, processor, input_size: int | None = None):
+        self.processor = processor
+        self.input_size = input_size
+        self._device_ok = True
 
-    @classmethod
-    def from_config(cls, cfg: dict, input_size: int | None = None) -> "Preprocess":
-        size = cfg.get("size", 518)
-        if isinstance(size, dict):
-            height = int(size.get("height", size.get("shortest_edge", 518)))
-            width = int(size.get("width", size.get("shortest_edge", 518)))
-        else:
-            height = width = int(size)
-        if input_size is not None:
-            height = width = int(input_size)
-        return cls(
-            height=height,
-            width=width,
-            keep_aspect_ratio=bool(cfg.get("keep_aspect_ratio", True)),
-            multiple=int(cfg.get("ensure_multiple_of", 14) or 1),
-            resample=int(cfg.get("resample", 3)),
-            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0,
-            mean=tuple(cfg.get("image_mean", cls.mean)),
-            std=tuple(cfg.get("image_std", cls.std)),
-            normalize=bool(cfg.get("do_normalize", True)),
-        )
+    @property
+    def target_size(self) -> int:
+        if self.input_size:
+            return int(self.input_size)
+        size = getattr(self.processor, "size", None)
+        if isinstance(size, int):
+            return size
+        height = getattr(size, "height", None)  # transformers 5: SizeDict
+        if height is None and isinstance(size, dict):
+            height = size.get("height")
+        return int(height or 518)
 
-    def output_size(self, in_h: int, in_w: int) -> tuple[int, int]:
-        """DPT's rule: scale toward (height, width); with keep_aspect_ratio use the per-axis scale
-        closer to 1 for both axes; round each side to the nearest multiple."""
-        scale_h, scale_w = self.height / in_h, self.width / in_w
-        if self.keep_aspect_ratio:
-            if abs(1 - scale_w) < abs(1 - scale_h):
-                scale_h = scale_w
-            else:
-                scale_w = scale_h
-        return _to_multiple(scale_h * in_h, self.multiple), _to_multiple(scale_w * in_w, self.multiple)
-
-    def __call__(self, frames_uint8, device, dtype):
+    def __call__(self, frames_uint8: np.ndarray, device, dtype):
         import torch
-        import torch.nn.functional as F
 
-        x = torch.from_numpy(np.ascontiguousarray(frames_uint8)).to(device).permute(0, 3, 1, 2).float()
-        h, w = self.output_size(x.shape[-2], x.shape[-1])
-        mode = "bicubic" if self.resample == 3 else "bilinear"
-        antialias = h < x.shape[-2] or w < x.shape[-1]
-        x = F.interpolate(x, size=(h, w), mode=mode, align_corners=False, antialias=antialias)
-        x = x.clamp(0, 255) * self.rescale_factor
-        if self.normalize:
-            mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-            std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
-            x = (x - mean) / std
-        return x.to(dtype)
+        kwargs = {"return_tensors": "pt"}
+        if self.input_size:
+            kwargs["size"] = {"height": int(self.input_size), "width": int(self.input_size)}
+        if self._device_ok:
+            batch = torch.from_numpy(np.ascontiguousarray(frames_uint8)).to(device).permute(0, 3, 1, 2)
+            try:
+                return self.processor(images=batch, device=device, **kwargs)["pixel_values"].to(device, dtype)
+            except (TypeError, ValueError):  # a PIL/numpy processor (transformers 4.x): no device option
+                self._device_ok = False
+        return self.processor(images=list(frames_uint8), **kwargs)["pixel_values"].to(device, dtype)
+
+
+def default_processor(input_size: int = 518):
+    """The processor the published snapshots configure (for random-weight benchmarks)."""
+    from transformers import DPTImageProcessor
+
+    return DPTImageProcessor(size={"height": input_size, "width": input_size}, keep_aspect_ratio=True,
+                             ensure_multiple_of=14, do_pad=False, resample=3, do_rescale=True, rescale_factor=1 / 255,
+                             do_normalize=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
 
 
 def published_config(size: str = "small") -> dict:
@@ -135,11 +118,6 @@ def published_config(size: str = "small") -> dict:
     }
 
 
-def _to_multiple(value: float, multiple: int) -> int:
-    out = int(round(value / multiple) * multiple)
-    return max(out, multiple)
-
-
 def download_command(name: str, folder="DIR") -> str:
     return f"hf download {VARIANTS[name]} --local-dir {folder}"
 
@@ -147,7 +125,7 @@ def download_command(name: str, folder="DIR") -> str:
 class DepthAnythingV2(DepthModel):
     """Per-frame Depth Anything V2 with temporal scale/shift alignment."""
 
-    def __init__(self, name, model, preprocess: Preprocess, settings: DepthAnythingV2Settings, device, dtype,
+    def __init__(self, name, model, preprocess: FramePreprocessor, settings: DepthAnythingV2Settings, device, dtype,
                  mapping: DisparityToDepth | None = None):
         super().__init__(device, dtype, mapping)
         self.name = name
@@ -158,7 +136,7 @@ class DepthAnythingV2(DepthModel):
     @classmethod
     def load(cls, name: str, weights_dir, device=None, dtype=None, settings: DepthAnythingV2Settings | None = None,
              mapping: DisparityToDepth | None = None) -> "DepthAnythingV2":
-        from transformers import DepthAnythingForDepthEstimation
+        from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
 
         settings = settings or DepthAnythingV2Settings()
         download = download_command(name, weights_dir or "DIR")
@@ -167,7 +145,9 @@ class DepthAnythingV2(DepthModel):
         config = read_json(name, files["config"])
         if config.get("model_type") != "depth_anything":
             raise _wrong_model(name, files["config"], config.get("model_type"))
-        preprocess = Preprocess.from_config(read_json(name, files["preprocessor"]), settings.input_size)
+        if read_json(name, files["preprocessor"]).get("image_processor_type", "DPTImageProcessor") not in (
+                "DPTImageProcessor", "DPTImageProcessorFast"):
+            raise errors.WeightsError(f"{name}: {files['preprocessor']} is not a DPT image processor config")
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         with wrap_loading_errors(name, folder):
@@ -175,6 +155,9 @@ class DepthAnythingV2(DepthModel):
                 str(folder), local_files_only=True, output_loading_info=True
             )
         loading_info_error(name, str(files["weights"]), info)
+        with wrap_loading_errors(name, files["preprocessor"]):
+            preprocess = FramePreprocessor(AutoImageProcessor.from_pretrained(str(folder), local_files_only=True),
+                                           settings.input_size)
         model = model.to(device=device, dtype=dtype).eval()
         return cls(name, model, preprocess, settings, device, dtype, mapping)
 
@@ -195,11 +178,11 @@ class DepthAnythingV2(DepthModel):
             model = DepthAnythingForDepthEstimation(config)
         settings = settings or DepthAnythingV2Settings(input_size=56 if size == "tiny" else None)
         name = f"depth-anything-v2-{size}" if size != "tiny" else "depth-anything-v2-small"
-        return cls(name, model.to(device=device, dtype=dtype).eval(), Preprocess(height=settings.input_size or 518,
-                   width=settings.input_size or 518), settings, device, dtype, mapping)
+        preprocess = FramePreprocessor(default_processor(), settings.input_size)
+        return cls(name, model.to(device=device, dtype=dtype).eval(), preprocess, settings, device, dtype, mapping)
 
     def memory_hint(self) -> str:
-        return f"the batch size (now {self.settings.batch_size}) or the input size (now {self.preprocess.height})"
+        return f"the batch size (now {self.settings.batch_size}) or the input size (now {self.preprocess.target_size})"
 
     def _predict_disparity(self, frames, progress=None, cancel=None):
         import torch
@@ -227,6 +210,4 @@ class DepthAnythingV2(DepthModel):
 
 
 def _wrong_model(name, path, model_type):
-    from ... import errors
-
     return errors.WeightsError(f"{name}: {path} describes a '{model_type}' model, not depth_anything")
