@@ -72,7 +72,8 @@ def connect(scene) -> dict:
     props = scene.ex4d
     disconnect(scene)
     Client = protocol_client().Client
-    client = Client(props.address, timeout_s=HELLO_TIMEOUT_S)
+    keys = bpy.path.abspath(props.keys_dir) if props.keys_dir else None
+    client = Client(props.address, timeout_s=HELLO_TIMEOUT_S, server_key=keys, client_keys=keys)
     try:
         caps = client.hello(timeout_s=HELLO_TIMEOUT_S)
     except BaseException:

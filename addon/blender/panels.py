@@ -19,6 +19,8 @@ class EX4D_PT_backend(_Panel, bpy.types.Panel):
         p = context.scene.ex4d
         col = self.layout.column(align=True)
         col.prop(p, "address", text="")
+        if not p.address.startswith(("tcp://127.", "tcp://localhost", "ipc://", "inproc://")):
+            col.prop(p, "keys_dir")
         row = col.row(align=True)
         connected = jobs.RT.client is not None
         row.operator("ex4d.connect", text="Reconnect" if connected else "Connect", icon="LINKED")

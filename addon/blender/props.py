@@ -31,6 +31,9 @@ class EX4D_SceneProps(bpy.types.PropertyGroup):
     # connection
     address: StringProperty(name="Backend", default="tcp://127.0.0.1:5555",
                             description="ZeroMQ address of `ex4d serve` (loopback by default)")
+    keys_dir: StringProperty(name="Keys", subtype="DIR_PATH", default="",
+                             description="Folder with server.key and client.key_secret from `ex4d keys generate` "
+                                         "(only for a backend beyond this machine, started with --keys-dir)")
     capabilities: StringProperty(name="Capabilities", default="")
     backend_state: StringProperty(name="Backend state", default="not connected")
 
