@@ -183,34 +183,44 @@ def grid_faces(H: int, W: int, device=None) -> torch.Tensor:
 
 
 def _skirt(H: int, W: int, device=None):
-    """The ``ours`` skirt: a ring of (2(H+W)+4) vertices on the image boundary, faces joining it to the
-    outer pixel ring, and a back plate over the skirt's four corners.
+    """The ``ours`` border: a lip and a skirt OUTSIDE the pixel grid, on the image boundary.
 
-    Returns (xs, ys) image points of the skirt vertices, the nearest border pixel of each (for its
-    colour), and the faces (indices: pixels 0..HW-1, skirt HW..).
+    The source saw each border pixel's whole footprint, up to the image boundary: a ring of "lip"
+    vertices on the boundary rays (at the nearest border pixel's depth) carries the surface that far.
+    Behind it a "curtain" joins the lip to a ring of far vertices on the same rays, and a back plate
+    closes the far ring: the mesh stays watertight without moving any real pixel.
+
+    Returns (xs, ys) image points of the ring vertices (n of them), the nearest border pixel of each,
+    and the faces: lip faces (pixels <-> lip), curtain + back plate faces. Vertex ids: pixels
+    0..HW-1, lip HW..HW+n-1, far ring HW+n..HW+2n-1.
     """
-    # Extended grid (H+2)x(W+2): interior = pixels, outer ring = skirt. Map extended index -> vertex id.
     He, We = H + 2, W + 2
     ext = torch.full((He, We), -1, dtype=torch.long, device=device)
     ext[1:-1, 1:-1] = torch.arange(H * W, device=device).view(H, W)
     ring = ext < 0
-    n_skirt = int(ring.sum())
-    ext[ring] = H * W + torch.arange(n_skirt, device=device)
+    n = int(ring.sum())
+    ext[ring] = H * W + torch.arange(n, device=device)
     ii, jj = torch.nonzero(ring, as_tuple=True)
-    # Skirt points lie on the image boundary (x in {0, W}, y in {0, H}), others at pixel centres.
     xs = torch.where(jj == 0, 0.0, torch.where(jj == We - 1, float(W), jj.float() - 0.5))
     ys = torch.where(ii == 0, 0.0, torch.where(ii == He - 1, float(H), ii.float() - 0.5))
     nearest = (ii - 1).clamp(0, H - 1) * W + (jj - 1).clamp(0, W - 1)
     fe = grid_faces(He, We, device)
-    # Keep extended quads that touch the ring.
     q = torch.arange(fe.shape[0], device=device) // 2
     qi, qj = q // (We - 1), q % (We - 1)
     touches = (qi == 0) | (qi == He - 2) | (qj == 0) | (qj == We - 2)
     flat = ext.reshape(-1)
-    faces = flat[fe[touches]]
-    c = [flat[0], flat[We - 1], flat[(He - 1) * We], flat[He * We - 1]]
+    lip_faces = flat[fe[touches]]
+    # The ring in cyclic order (top, right, bottom, left), as lip ids; far ids are n higher.
+    top = [(0, j) for j in range(We)]
+    right = [(i, We - 1) for i in range(1, He)]
+    bottom = [(He - 1, j) for j in range(We - 2, -1, -1)]
+    left = [(i, 0) for i in range(He - 2, 0, -1)]
+    cyc = torch.tensor([ext[i, j].item() for i, j in top + right + bottom + left], device=device)
+    nxt = torch.roll(cyc, -1)
+    curtain = torch.cat([torch.stack([cyc, nxt, cyc + n], 1), torch.stack([nxt, nxt + n, cyc + n], 1)], 0)
+    c = [flat[0] + n, flat[We - 1] + n, flat[(He - 1) * We] + n, flat[He * We - 1] + n]
     back = torch.stack([torch.stack([c[0], c[2], c[1]]), torch.stack([c[1], c[2], c[3]])])
-    return xs, ys, nearest, torch.cat([faces, back], 0)
+    return xs, ys, nearest, lip_faces, torch.cat([curtain, back], 0)
 
 
 def _min_angle_deg(v: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
@@ -340,29 +350,43 @@ def build_dwmesh(depth, K, config: DWMeshConfig | None = None, device=None) -> D
         vertex_pixel = torch.arange(H * W, device=device)
         n_grid_faces = faces.shape[0] - 2
         skirt_faces = torch.zeros(0, dtype=torch.long, device=device)
+        lip_ids = skirt_faces
     else:
-        sx, sy, nearest, sfaces = _skirt(H, W, device)
+        sx, sy, nearest, lip_faces, closing = _skirt(H, W, device)
         grid = unproject(d, Kt, xs, ys).reshape(T, H * W, 3)
+        lip = unproject(d.reshape(T, -1)[:, nearest], Kt, sx, sy)
         far = (d.reshape(T, -1).amax(dim=1) * config.skirt_scale).clamp(min=config.border_depth, max=500.0)
         skirt = unproject(far[:, None].expand(T, sx.numel()), Kt, sx, sy)
-        verts = torch.cat([grid, skirt], dim=1)
+        verts = torch.cat([grid, lip, skirt], dim=1)
         n_grid_faces = faces.shape[0]
-        faces = torch.cat([faces, sfaces], 0)
-        uv_x, uv_y = torch.cat([xs.reshape(-1), sx]), torch.cat([ys.reshape(-1), sy])
-        vertex_pixel = torch.cat([torch.arange(H * W, device=device), nearest])
-        skirt_faces = torch.arange(n_grid_faces, faces.shape[0], device=device)
+        faces = torch.cat([faces, lip_faces, closing], 0)
+        uv_x, uv_y = torch.cat([xs.reshape(-1), sx, sx]), torch.cat([ys.reshape(-1), sy, sy])
+        vertex_pixel = torch.cat([torch.arange(H * W, device=device), nearest, nearest])
+        lip_ids = torch.arange(n_grid_faces, n_grid_faces + lip_faces.shape[0], device=device)
+        skirt_faces = torch.arange(n_grid_faces + lip_faces.shape[0], faces.shape[0], device=device)
 
     test = config.test
-    if test == "angle":
-        invalid = _min_angle_deg(verts, faces) < config.min_angle_deg
-    elif test == "stretch":
-        invalid = _stretch_invalid(verts, faces, config.stretch_ratio)
-    elif test == "dz_dxy":
-        invalid = _dz_dxy_invalid(verts, faces, config.dz_dxy_max)
-    else:
-        invalid = torch.zeros(T, faces.shape[0], dtype=torch.bool, device=device)
-        invalid[:, :n_grid_faces] = _ours_invalid(d, Kt, config.jump_footprints, config.jump_ratio)
-        invalid |= _grazing_invalid(verts, faces, config.max_grazing_deg)
+    invalid = torch.zeros(T, faces.shape[0], dtype=torch.bool, device=device)
+    per_face = {
+        "angle": lambda v: _min_angle_deg(v, faces) < config.min_angle_deg,
+        "stretch": lambda v: _stretch_invalid(v, faces, config.stretch_ratio),
+        "dz_dxy": lambda v: _dz_dxy_invalid(v, faces, config.dz_dxy_max),
+        "ours": lambda v: _grazing_invalid(v, faces, config.max_grazing_deg),
+    }[test]
+    step = max(1, (1 << 20) // max(faces.shape[0], 1))  # frames per chunk: bounded (T,F,3,3) temporaries
+    for t0 in range(0, T, step):
+        invalid[t0 : t0 + step] = per_face(verts[t0 : t0 + step])
+    if test == "ours":
+        invalid[:, :n_grid_faces] |= _ours_invalid(d, Kt, config.jump_footprints, config.jump_ratio)
+        if lip_ids.numel():
+            # A lip face inherits the border surface's validity: each of its pixels must touch a valid face.
+            has_valid = torch.zeros(T, verts.shape[1], device=device)
+            gf = faces[:n_grid_faces]
+            has_valid.scatter_add_(1, gf.reshape(1, -1).expand(T, -1),
+                                   (~invalid[:, :n_grid_faces]).float().repeat_interleave(3, 1))
+            lf = faces[lip_ids]
+            ok = ((has_valid[:, lf.clamp(max=H * W - 1)] > 0) | (lf >= H * W)[None]).all(-1)
+            invalid[:, lip_ids] |= ~ok
     # Faces touching pixels without depth are never valid; the skirt never is.
     if bool(bad_pixel.any()):
         bad_v = torch.cat([bad_pixel.reshape(T, -1), torch.zeros(T, verts.shape[1] - H * W, dtype=torch.bool, device=device)], 1)

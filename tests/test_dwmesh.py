@@ -105,7 +105,7 @@ def test_ours_keeps_oblique_planes_valid():
 
 def test_non_square_and_bad_input():
     mesh = build_dwmesh(np.full((3, 7, 11), 1.5, np.float32), _K(11, 7), DWMeshConfig(method="ours"))
-    assert mesh.vertices.shape[:2] == (3, 7 * 11 + 2 * (7 + 11) + 4)
+    assert mesh.vertices.shape[:2] == (3, 7 * 11 + 2 * (2 * (7 + 11) + 4))  # pixels, lip ring, far ring
     with pytest.raises(DepthError):
         build_dwmesh(np.zeros((1, 5, 5), np.float32), _K(5, 5))
     with pytest.raises(InputError):
