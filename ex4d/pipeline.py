@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .camera import CameraPath, Intrinsics, preset_path, read_transforms, resolve_intrinsics
-from .errors import DepthError, InputError
+from .errors import DepthError, InputError, VideoError
 from .recon import Progress, _check_cancel, check_name, check_path_for_video, reconstruct, render_path
 
 DEFAULT_PRESET = "orbit_right"
@@ -142,6 +142,8 @@ def load_shot_inputs(
     clip = read_video(video, max_frames=num_frames)
     _check_cancel(cancel)
     T, h, w = clip.frames.shape[:3]
+    if num_frames is not None and T < num_frames:
+        raise VideoError(f"{video}: --frames {num_frames}, but only {T} frames could be decoded (is the file cut short?)")
     frames = fit_frames(clip.frames, W, H, fit)
     if progress:
         progress("read video", 1, 1)
