@@ -3,7 +3,8 @@
 1. Temporal propagation: every hole pixel takes the colour of the same pixel in the nearest frame (in
    time, within ``window`` frames; the earlier frame wins a tie) where that pixel is valid guide content.
    Camera-relative guides move slowly between neighbouring frames, so this recovers most disocclusions.
-2. OpenCV inpainting (Telea) fills what is left, frame by frame.
+2. OpenCV inpainting (Telea) fills what is left, frame by frame (at half resolution when more than 2% of
+   the frame is left, which is 4x faster and looks the same for a draft).
 
 Valid pixels are returned unchanged, bit for bit. No model, no torch.
 """
@@ -23,9 +24,10 @@ class DraftGenerator:
     name = "draft"
     memory_mode = "cpu"
 
-    def __init__(self, window: int = 8, inpaint_radius: int = 3):
+    def __init__(self, window: int = 8, inpaint_radius: int = 3, full_resolution_below: float = 0.02):
         self.window = int(window)
         self.inpaint_radius = int(inpaint_radius)
+        self.full_resolution_below = float(full_resolution_below)  # hole share inpainted at full resolution
 
     def generate(self, color: np.ndarray, mask: np.ndarray, *, prompt: str | None = None, seed: int = 0,
                  steps: int | None = None, cfg: float | None = None, progress=None,
@@ -58,5 +60,19 @@ class DraftGenerator:
                     hole &= ~take
             if not hole.any():
                 return frame
+        return self._inpaint(frame, hole)
+
+    def _inpaint(self, frame: np.ndarray, hole: np.ndarray) -> np.ndarray:
+        """Telea inpainting; large holes are filled at half resolution (4x fewer pixels to march), and
+        only the hole pixels take the upsampled result."""
         frame[hole] = 0
-        return cv2.inpaint(frame, hole.astype(np.uint8) * 255, self.inpaint_radius, cv2.INPAINT_TELEA)
+        hole_u8 = hole.astype(np.uint8) * 255
+        h, w = hole.shape
+        if hole.mean() < self.full_resolution_below or min(h, w) < 32:
+            return cv2.inpaint(frame, hole_u8, self.inpaint_radius, cv2.INPAINT_TELEA)
+        small = cv2.resize(frame, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+        small_hole = cv2.dilate(cv2.resize(hole_u8, (w // 2, h // 2), interpolation=cv2.INTER_NEAREST), np.ones((3, 3), np.uint8))
+        filled = cv2.resize(cv2.inpaint(small, small_hole, self.inpaint_radius, cv2.INPAINT_TELEA), (w, h),
+                            interpolation=cv2.INTER_LINEAR)
+        frame[hole] = filled[hole]
+        return frame
