@@ -36,6 +36,10 @@ class Job:
     eta: float | None = None
     error: dict | None = None  # {"code", "message"} once failed or cancelled
     cancel: threading.Event = field(default_factory=threading.Event)
+    # A finished result is sent first and written to disk right after; until then it is served from here.
+    result: tuple[dict, dict] | None = None
+    saved: bool = True
+    released: bool = False
 
     def summary(self) -> dict[str, Any]:
         out = {"kind": self.kind, "state": self.state, "created": self.created}
@@ -111,6 +115,19 @@ class JobTable:
             except ValueError:
                 return False
             return True
+
+    def mark_saved(self, job: Job) -> bool:
+        """The worker finished writing the result; True if the client already released it (delete it now)."""
+        with self._cond:
+            job.saved, job.result = True, None
+            return job.released
+
+    def mark_released(self, job: Job) -> bool:
+        """A client released the result; True if it is on disk already (delete it now), else the worker will."""
+        with self._cond:
+            job.released = True
+            self._jobs.pop(job.id, None)
+            return job.saved
 
     def forget(self, job_id: str) -> None:
         with self._cond:

@@ -340,22 +340,24 @@ class Server:
         if job is None:
             return
         if msg.header.get("release"):
-            if job.state in FINISHED:
+            if job.state in FINISHED and self.table.mark_released(job):
                 self.store.delete(job.id)
-                self.table.forget(job.id)
             self._send(peer, "status", job.id, released=job.state in FINISHED, state=job.state)
             return
         if job.state in (QUEUED, RUNNING):
             job.owner = peer  # progress and the result now go to this client
             self._send(peer, "status", job.id, **job.summary(), position=self.table.position(job))
         elif job.state == DONE:
-            rec = self.store.record(job.id) or {}
-            try:
-                arrays = self.store.arrays(job.id)
-            except (OSError, ValueError) as e:
-                self._send_error(peer, job.id, ERR_INTERNAL, f"stored result of job {job.id} is unreadable ({e})")
-                return
-            self._send(peer, "result", job.id, arrays, kind=job.kind, params=rec.get("params", {}))
+            pending = job.result  # still being written to disk: serve it from memory
+            if pending is not None:
+                params, arrays = pending
+            else:
+                try:
+                    params, arrays = (self.store.record(job.id) or {}).get("params", {}), self.store.arrays(job.id)
+                except (OSError, ValueError) as e:
+                    self._send_error(peer, job.id, ERR_INTERNAL, f"stored result of job {job.id} is unreadable ({e})")
+                    return
+            self._send(peer, "result", job.id, arrays, kind=job.kind, params=params)
         else:
             err = job.error or {"code": "error", "message": f"job {job.state}"}
             self._send(peer, "error", job.id, **err)
@@ -404,9 +406,19 @@ class Server:
             params, arrays = self.engine.run(job.kind, job.params, job.arrays, progress, job.cancel)
             params = dict(params, seconds=round(time.perf_counter() - t0, 3))
             arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-            self.store.save(job.id, {"state": DONE, "kind": job.kind, "params": params}, arrays)
+            # Send first, then write to disk (a 49-frame guide set takes 0.2-0.5 s to write on a busy disk):
+            # until the write is done, fetch answers from memory. Only a crash inside that window loses a
+            # result whose client was not connected.
+            job.result, job.saved = (params, arrays), False
             self.table.finish(job, DONE)
             emit("result", arrays, kind=job.kind, params=params)
+            try:
+                self.store.save(job.id, {"state": DONE, "kind": job.kind, "params": params}, arrays)
+            except OSError as e:  # the client has it (or fetches it from memory); keep serving
+                log(f"could not write the result of job {job.id} to {self.store.root}: {e}; kept in memory")
+            else:
+                if self.table.mark_saved(job):
+                    self.store.delete(job.id)  # released while it was being written
             log(f"job {job.id} ({job.kind}) done in {params['seconds']:.2f} s")
         except BaseException as e:  # every failure becomes an error reply; the service keeps going
             if isinstance(e, Cancelled) or job.cancel.is_set():
@@ -426,7 +438,7 @@ class Server:
                 raise
         finally:
             job.arrays = None
-            self.engine.free_memory()
+            self.engine.free_memory(full=job.state != DONE)
 
 
 def serve(config: ServeConfig, engine: Engine, ready=None) -> int:

@@ -38,11 +38,30 @@ def make_inputs():
     return frames, np.broadcast_to(depth, (T, H, W)).copy()
 
 
+def in_process_reference(frames, depth, seed=3, steps=2):
+    """reconstruct -> render -> generate with the library in this process (the round trip's reference)."""
+    from ex4d.camera import Intrinsics, preset_path
+    from ex4d.generate import load_generator
+    from ex4d.recon import reconstruct, render_path
+
+    intr = Intrinsics.from_focal(FOCAL, W, H)
+    path = preset_path("orbit_right", T, intr, depth0=depth[0])
+    mesh = reconstruct(frames, depth, intr)
+    guides = render_path(mesh, frames, path)
+    video = load_generator("tiny").generate(guides.color, guides.mask, seed=seed, steps=steps)
+    return {"path": path, "mesh": mesh, "guides": guides, "video": video}
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ex4d-serve")
-    svc = ServiceProcess(["--generator", "tiny", "--max-queue", "4", "--max-message-mb", "8"], jobs_dir=tmp / "jobs",
-                         log_path=tmp / "serve.log")
+    svc = ServiceProcess(["--generator", "tiny", "--device", "cpu", "--max-queue", "4", "--max-message-mb", "8"],
+                         jobs_dir=tmp / "jobs", log_path=tmp / "serve.log")
+    # The in-process reference loads its own tiny generator: do it while the service starts.
+    reference = {}
+    worker = threading.Thread(target=lambda: reference.update(in_process_reference(*make_inputs())), daemon=True)
+    worker.start()
+    svc.reference = (worker, reference)
     svc.start()
     try:
         yield svc
@@ -68,10 +87,8 @@ def test_ping_prints_capabilities(service):
     assert caps["limits"]["max_message_bytes"] == 8 * 2**20
 
 
-def test_round_trip_matches_in_process(client):
+def test_round_trip_matches_in_process(client, service):
     from ex4d.camera import Intrinsics, preset_path
-    from ex4d.generate import load_generator
-    from ex4d.recon import reconstruct, render_path
 
     frames, depth = make_inputs()
     # --- through the service ---
@@ -86,10 +103,12 @@ def test_round_trip_matches_in_process(client):
     job = client.submit("generate", {"seed": 3, "steps": 2}, {"color": guides.arrays["color"], "mask": guides.arrays["mask"]})
     gen = client.wait(job, on_progress=events.append)
 
-    # --- the same in this process ---
-    mesh = reconstruct(frames, depth, Intrinsics.from_focal(FOCAL, W, H))
-    local = render_path(mesh, frames, path)
-    video = load_generator("tiny").generate(local.color, local.mask, seed=3, steps=2)
+    # --- the same in this process (computed while the service started) ---
+    worker, ref = service.reference
+    worker.join(300)
+    assert ref, "in-process reference failed"
+    mesh, local, video = ref["mesh"], ref["guides"], ref["video"]
+    assert np.allclose(ref["path"].c2w, path.c2w)
 
     assert np.array_equal(rec.arrays["vertices"], mesh.vertices.numpy())
     assert np.array_equal(rec.arrays["face_valid"], mesh.face_valid.numpy())

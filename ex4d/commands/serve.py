@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
@@ -161,7 +162,12 @@ def cmd_serve(args) -> int:
     def ready(address: str) -> None:
         print(f"ex4d backend ready on {address}", flush=True)
 
-    return serve(config, engine, ready)
+    rc = serve(config, engine, ready)
+    # Sockets are closed and every result is on disk: leave now. Tearing down torch/diffsynth module state at
+    # interpreter exit takes several seconds and serves no one.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 # --------------------------------------------------------------------------------------------------
