@@ -53,6 +53,12 @@ def test_installs_from_zip_with_every_operator(run):
         assert op in run["operators"]
         assert run["labels"][op].startswith("EX-4D: ") and len(run["descriptions"][op]) > 20  # F3 search
     assert run["panels"] == ["Backend", "Camera", "Guides and Generation", "Shot"]
+    assert run["missing_icons"] == []
+
+
+def test_disable_and_enable_again(run):
+    s = ok(run, "disable_enable")
+    assert s["gone_when_disabled"] and s["back"]
 
 
 def test_dead_backend_is_reported_quickly(run):

@@ -45,6 +45,11 @@ R["install_s"] = install_s
 R["operators"] = sorted(dir(bpy.ops.ex4d))
 R["descriptions"] = {n: getattr(bpy.ops.ex4d, n).get_rna_type().description for n in R["operators"]}
 R["labels"] = {n: getattr(bpy.ops.ex4d, n).get_rna_type().name for n in R["operators"]}
+_icons = set(bpy.types.UILayout.bl_rna.functions["operator"].parameters["icon"].enum_items.keys())
+_panel_src = open(os.path.join(os.path.dirname(mod.__file__), "blender", "panels.py")).read()
+import re  # noqa: E402
+
+R["missing_icons"] = sorted(set(re.findall(r'icon="([A-Z0-9_]+)"', _panel_src)) - _icons)
 R["panels"] = sorted(c.bl_label for c in bpy.types.Panel.__subclasses__() if getattr(c, "bl_category", "") == "EX-4D")
 jobs = harness.sub("blender.jobs")
 workflow = harness.sub("blender.workflow")
@@ -402,6 +407,14 @@ def _():
     res, err = call(bpy.ops.ex4d.generate)
     return {"noticed_after_s": noticed, "state": p.backend_state, "messages": msgs, "generate_result": res, "generate_error": err,
             "generate_took_s": time.perf_counter() - t, "job_state": p.job_state}
+
+
+@step("disable_enable")
+def _():
+    bpy.ops.preferences.addon_disable(module=harness.MODULE)
+    gone = not hasattr(bpy.types.Scene, "ex4d") and "connect" not in dir(bpy.ops.ex4d)
+    bpy.ops.preferences.addon_enable(module=harness.MODULE)
+    return {"gone_when_disabled": gone, "back": hasattr(bpy.types.Scene, "ex4d") and "connect" in dir(bpy.ops.ex4d)}
 
 
 R["total_s"] = time.perf_counter() - T0
