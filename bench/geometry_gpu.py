@@ -31,12 +31,41 @@ def timed(fn, repeats, sync):
     return statistics.median(times) * 1000
 
 
+def profile(fn, sync) -> dict:
+    """Top host functions (cumulative) and GPU kernels of one call."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprof
+
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    sync()
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(25)
+    host = [line for line in buf.getvalue().splitlines() if "/ex4d/" in line or "{" in line][:25]
+    with tprof(activities=[ProfilerActivity.CUDA]) as tp:
+        fn()
+        sync()
+    ka = tp.key_averages()
+    key = "self_device_time_total" if hasattr(next(iter(ka)), "self_device_time_total") else "self_cuda_time_total"
+    rows = sorted(ka, key=lambda e: getattr(e, key), reverse=True)[:12]
+    gpu = [f"{getattr(e, key) / 1000:8.2f} ms {e.count:4d}x {e.key[:90]}" for e in rows]
+    return {"host_cumulative": host, "gpu_total_ms": round(sum(getattr(e, key) for e in ka) / 1000, 2), "gpu_top": gpu}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=49)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out")
+    ap.add_argument("--profile", action="store_true", help="host (cProfile) and GPU kernel breakdown of one render_guides")
     args = ap.parse_args()
 
     import torch
@@ -71,6 +100,8 @@ def main() -> int:
                 ms = timed(lambda: render_guides(mesh, frames, path, rasterizer=rast), args.repeats, sync)
                 out[f"{method}/{backend}/render_guides_ms"] = round(ms, 2)
                 out[f"{method}/{backend}/depth_to_guides_ms"] = round(ms + out[f"{method}/build_dwmesh_ms"], 2)
+                if args.profile and backend == "nvdiffrast":
+                    out[f"{method}/{backend}/profile"] = profile(lambda: render_guides(mesh, frames, path, rasterizer=rast), sync)
             except Exception as e:  # noqa: BLE001
                 out[f"{method}/{backend}/error"] = f"{type(e).__name__}: {e}"[:300]
     text = json.dumps(out, indent=1)
