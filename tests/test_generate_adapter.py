@@ -213,3 +213,13 @@ def test_corrupt_and_missing_checkpoint_files(tmp_path):
         read_state_dict(tmp_path / "notensors.ckpt")
     with pytest.raises(WeightsError, match="not found"):
         read_state_dict(tmp_path / "nope.ckpt")
+
+
+@torch.no_grad()
+def test_timestep_embedding_uses_the_fp32_timestep_in_a_bf16_model():
+    dit = tiny_dit().to(torch.bfloat16)
+    inputs = {k: (v.to(torch.bfloat16) if k != "timestep" else v) for k, v in dit_inputs().items()}
+    precise = ex4d_model_fn(dit, **{**inputs, "timestep": torch.tensor([993.7])})
+    rounded = ex4d_model_fn(dit, **{**inputs, "timestep": torch.tensor([993.7]).to(torch.bfloat16)})  # -> 992
+    assert torch.equal(rounded, ex4d_model_fn(dit, **{**inputs, "timestep": torch.tensor([992.0])}))
+    assert not torch.equal(precise, rounded)

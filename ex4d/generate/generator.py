@@ -47,10 +47,10 @@ class Ex4dGenerator:
         prompt = EX4D_PROMPT if prompt is None else prompt
         try:
             return self._generate(color, mask, prompt, int(seed), steps, cfg, progress, cancel)
-        except Exception as e:  # torch is imported lazily: match its OOM class by name
-            if type(e).__name__ == "OutOfMemoryError" and type(e).__module__.startswith("torch"):
-                import torch
+        except Exception as e:
+            import torch
 
+            if isinstance(e, torch.OutOfMemoryError):
                 torch.cuda.empty_cache()
                 t, h, w = mask.shape
                 raise OutOfMemoryError(

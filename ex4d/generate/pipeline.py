@@ -38,11 +38,13 @@ def ex4d_model_fn(dit, latents: torch.Tensor, timestep: torch.Tensor, context: t
     """Wan I2V DiT forward with the EX-4D condition tokens added after patch embedding.
 
     Batched CFG: pass ``context`` with batch 2 (posi, nega); latents/y/clip/video_tokens of batch 1 are
-    broadcast. ``timestep`` has shape (1,) in the model's dtype.
+    broadcast. ``timestep`` has shape (1,), preferably float32 (any float dtype works).
     """
     from diffsynth.models.wan_video_dit import sinusoidal_embedding_1d
 
-    t = dit.time_embedding(sinusoidal_embedding_1d(dit.freq_dim, timestep))
+    # The sinusoid is taken of the fp32 timestep (as the release and Wan do) and then cast: a bf16
+    # timestep would round 993.7 to 992 (diffsynth 2.x's own pipeline does that).
+    t = dit.time_embedding(sinusoidal_embedding_1d(dit.freq_dim, timestep.float()).to(latents.dtype))
     t_mod = dit.time_projection(t).unflatten(1, (6, dit.dim))
     context = dit.text_embedding(context)
     batch = context.shape[0]
@@ -192,7 +194,7 @@ class Ex4dPipeline(_pipeline_base()):
     def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The CFG-combined noise prediction for one step (float32)."""
         kwargs = dict(dit=self.dit, latents=latents.to(self.torch_dtype),
-                      timestep=timestep.to(dtype=self.torch_dtype, device=self.device),
+                      timestep=timestep.to(dtype=torch.float32, device=self.device),
                       clip_feature=cond.clip_feature, y=cond.y, video_tokens=cond.video_tokens)
         if cond.negative_context is None or cond.cfg == 1.0:
             return self.model_fn(context=cond.context, **kwargs).float()
