@@ -42,6 +42,17 @@ def test_fill_crop_maps_working_uvs_into_the_source():
     assert np.allclose(shot.FillCrop(64, 48, 64, 48).uv_to_source([[0.25, 0.75]]), [[0.25, 0.75]])
 
 
+def test_fill_crop_of_depth_and_intrinsics_match_the_frames():
+    c = shot.FillCrop(8, 4, 4, 4)  # scale 1, keep the middle 4 columns
+    d = np.arange(32, dtype=np.float32).reshape(1, 4, 8)
+    assert (c.sample_nearest(d)[0] == d[0, :, 2:6]).all()
+    up = shot.FillCrop(4, 3, 8, 6).sample_nearest(np.arange(12).reshape(1, 3, 4))
+    assert up.shape == (1, 6, 8) and (up[0, ::2, ::2] == np.arange(12).reshape(3, 4)).all()
+    K = np.array([[100.0, 0, 320], [0, 100.0, 240], [0, 0, 1]])
+    Kw = shot.FillCrop(640, 480, 512, 512).intrinsics(K)
+    assert np.allclose(Kw, [[100 * 512 / 480, 0, 256], [0, 100 * 512 / 480, 256], [0, 0, 1]])
+
+
 @pytest.mark.parametrize("cx,cy", [(32.0, 24.0), (30.5, 26.0)])
 def test_lens_round_trip(cx, cy):
     K = np.array([[55.4, 0, cx], [0, 55.4, cy], [0, 0, 1]])

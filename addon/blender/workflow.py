@@ -101,13 +101,19 @@ def read_depth_file(path: str, props) -> dict:
     depth = np.asarray(depth, dtype=np.float32)
     if depth.ndim == 2:
         depth = depth[None]
-    if depth.ndim != 3 or len(depth) < props.first_frame + props.num_frames and len(depth) != props.num_frames:
-        raise errors.DepthError(f"{p}: depth has shape {depth.shape}, the shot needs {props.num_frames} frames (T,H,W)")
-    if len(depth) != props.num_frames:
+    if depth.ndim != 3:
+        raise errors.DepthError(f"{p}: depth must be (T,H,W), got shape {depth.shape}")
+    if len(depth) != props.num_frames:  # a depth for the whole video: take the shot's frames
+        if len(depth) < props.first_frame + props.num_frames:
+            raise errors.DepthError(
+                f"{p}: depth has {len(depth)} frames; the shot needs {props.num_frames} (or the whole video's, "
+                f"at least {props.first_frame + props.num_frames})")
         depth = depth[props.first_frame: props.first_frame + props.num_frames]
-    out = {"depth": np.ascontiguousarray(depth)}
+    dh, dw = depth.shape[1:]
+    crop = shotlib.FillCrop(dw, dh, props.width, props.height)  # the same fill + centre crop as the frames
+    out = {"depth": np.ascontiguousarray(crop.sample_nearest(depth))}
     if K is not None:
-        out["depth_K"] = np.asarray(K, dtype=np.float64)
+        out["depth_K"] = crop.intrinsics(np.asarray(K, dtype=np.float64).reshape(-1, 3, 3)[0])
     return out
 
 
@@ -119,9 +125,8 @@ def submit_reconstruct(scene, depth_path: str = "", depth_model: str = "") -> st
         depth = read_depth_file(depth_path, props)
         arrays["depth"] = depth["depth"]
         if "depth_K" in depth and props.intrinsics_source.startswith("EX-4D default"):
-            dh, dw = depth["depth"].shape[1:]
-            intr = camera.Intrinsics.from_K(depth["depth_K"], dw, dh).resized(props.width, props.height)
-            props.fx, props.fy, props.cx, props.cy = intr.fx, intr.fy, intr.cx, intr.cy
+            K = depth["depth_K"]  # already at the working size
+            props.fx, props.fy, props.cx, props.cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
             props.intrinsics_source = "depth file"
     params = {"K": cameras.shot_K(props).tolist(), "name": props.shot_name}
     if depth_model:
@@ -154,8 +159,10 @@ def apply_reconstruct(scene, result) -> str:
     if old is not None and old.name in bpy.data.objects:
         bpy.data.objects.remove(old)
     props.rig, props.mesh = rig, obj
-    if props.source_camera is None:
+    if props.source_camera is None or props.source_camera.name not in bpy.data.objects:
         props.source_camera = dwmesh.create_source_camera(scene, props.shot_name, rig, cameras.shot_K(props), props.width, props.height)
+    else:  # a re-import may have changed the lens
+        dwmesh.set_lens(props.source_camera.data, cameras.shot_K(props), props.width, props.height)
     if scene.camera is None:
         scene.camera = props.source_camera
     return f"DW-mesh '{obj.name}': {len(vertices[0])} vertices, {len(faces)} faces, {T} frames"

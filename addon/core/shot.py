@@ -44,6 +44,29 @@ class FillCrop:
         return np.stack([left + uv[..., 0] * fw, bottom + uv[..., 1] * fh], axis=-1)
 
 
+    def sample_nearest(self, images: np.ndarray) -> np.ndarray:
+        """(T, src_h, src_w, ...) -> (T, height, width, ...): the working pixel centres' nearest source pixels."""
+        images = np.asarray(images)
+        if images.shape[1:3] != (self.src_h, self.src_w):
+            raise errors.InputError(f"expected images of {self.src_w}x{self.src_h}, got {images.shape[2]}x{images.shape[1]}")
+        s = self.scale
+        x0 = (self.src_w - self.width / s) / 2.0
+        y0 = (self.src_h - self.height / s) / 2.0
+        cols = np.clip(np.floor(x0 + (np.arange(self.width) + 0.5) / s), 0, self.src_w - 1).astype(np.int64)
+        rows = np.clip(np.floor(y0 + (np.arange(self.height) + 0.5) / s), 0, self.src_h - 1).astype(np.int64)
+        return images[:, rows][:, :, cols]
+
+    def intrinsics(self, K: np.ndarray) -> np.ndarray:
+        """K of the source image -> K of the working image (scale, then centre crop)."""
+        s = self.scale
+        K = np.asarray(K, dtype=np.float64)
+        out = K.copy()
+        out[0, 0], out[1, 1] = K[0, 0] * s, K[1, 1] * s
+        out[0, 2] = K[0, 2] * s - (self.src_w * s - self.width) / 2.0
+        out[1, 2] = K[1, 2] * s - (self.src_h * s - self.height) / 2.0
+        return out
+
+
 def scene_frame(frame_start: int, index: int) -> int:
     """Shot frame ``index`` (0-based, = video frame first + index) -> scene frame number."""
     return int(frame_start) + int(index)

@@ -371,7 +371,10 @@ def _():
     p = sc.ex4d
     res = bpy.ops.ex4d.import_video(filepath=VIDEO, first_frame=3, num_frames=5, width=64, height=48, fov_deg=60.0)
     p.source_camera = None
-    bpy.ops.ex4d.reconstruct(depth_file=DEPTH)
+    big = os.path.join(OUT, "depth_2x.npz")  # depth at twice the working size: resampled by the add-on
+    d = np.load(DEPTH)["depth"]
+    np.savez(big, depth=d.repeat(2, axis=1).repeat(2, axis=2))
+    bpy.ops.ex4d.reconstruct(depth_file=big)
     harness.pump(sc, lambda: p.job_state != "running", 120)
     sc.camera = p.source_camera
     workflow.start_guides(sc)
