@@ -155,8 +155,12 @@ def test_depthcrafter_release_defaults_and_guidance(dc_dir):
     s = DepthCrafterSettings()
     assert (s.num_inference_steps, s.window_size, s.overlap, s.guidance_scale, s.seed) == (5, 110, 25, 1.0, 42)
     model = load_depth_model("depthcrafter", dc_dir, device="cpu", num_inference_steps=2, guidance_scale=1.5)
-    assert model.working_size(50, 70) == (48, 72)  # nearest multiple of 4 (tiny: VAE x2, UNet x2)
-    check_depth(model.predict(frames(3)), 3)
+    assert model.working_size(50, 70) == (48, 72)  # nearest multiple of 8 (tiny: VAE x4, UNet x2)
+    guided = model.predict(frames(3))
+    check_depth(guided, 3)
+    offloaded = load_depth_model("depthcrafter", dc_dir, device="cpu", num_inference_steps=2, guidance_scale=1.5,
+                                 offload=True).predict(frames(3))
+    np.testing.assert_array_equal(guided.depth, offloaded.depth)
 
 
 def test_video_depth_anything_predicts_at_input_size(vda_dir):

@@ -72,7 +72,7 @@ def load_depth_model(name: str, weights_dir, device=None, dtype=None, *, median_
 
     ``device``: "cuda", "cpu", a torch.device or None (CUDA when available). ``dtype``: None (float16
     on CUDA, float32 on CPU), a torch dtype or "fp16"/"bf16"/"fp32". ``median_depth``: rescale the
-    clip so its median z-depth equals this (the CLI's ``--depth-scale``); ``mapping``: a full
+    clip so its median z-depth equals this (``ex4d recon --median-depth``); ``mapping``: a full
     :class:`DisparityToDepth` instead. Other keyword arguments are the model's settings (see each
     module's ``*Settings`` dataclass, e.g. ``input_size=``, ``batch_size=``, ``window_size=``).
 

@@ -95,7 +95,7 @@ class DisparityToDepth:
        (release: 10000 / max(3900 n, 1e-5), clipped to [1e-4, 1e4]; the nearest pixel of the clip
        ends up at 10000 / 3900 = 2.56 units, disparity-0 pixels at the far clip 1e4);
     3. optionally, ``median_depth``: rescale so that the median depth of the clip equals it (the
-       ``--depth-scale`` of the CLI; None keeps the release's units, which its presets assume).
+       ``--median-depth`` of ``ex4d recon``; None keeps the release's units, which its presets assume).
     """
 
     numerator: float = 10000.0
