@@ -147,6 +147,8 @@ def test_depthcrafter_windows_are_deterministic_for_a_seed(dc_dir):
     np.testing.assert_array_equal(first.depth, again.depth)
     other = load_depth_model("depthcrafter", dc_dir, device="cpu", window_size=4, overlap=2, seed=7).predict(frames(7))
     assert not np.array_equal(first.disparity, other.disparity)
+    check_depth(load_depth_model("depthcrafter", dc_dir, device="cpu", window_size=3, overlap=0,
+                                 num_inference_steps=1).predict(frames(7)), 7)  # back-to-back windows
 
 
 def test_depthcrafter_release_defaults_and_guidance(dc_dir):

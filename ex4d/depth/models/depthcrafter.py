@@ -361,7 +361,7 @@ class DepthCrafter(DepthModel):
                 emb = embeddings[:, start:end]
                 for i, t in enumerate(timesteps):
                     check_cancel(cancel)
-                    if stitched is not None and i == 0:
+                    if stitched is not None and i == 0 and overlap:
                         # Continue the overlap from the previous window's result, re-noised to sigma_0.
                         latents[:, :overlap] = (stitched[:, -overlap:]
                                                 + latents[:, :overlap] / sched.init_noise_sigma * sched.sigmas[0])
@@ -376,6 +376,8 @@ class DepthCrafter(DepthModel):
                     report(progress, "depth: denoise", done, total)
                 if stitched is None:
                     stitched = latents
+                elif not overlap:  # back-to-back windows
+                    stitched = torch.cat([stitched, latents], dim=1)
                 else:
                     stitched[:, -overlap:] = latents[:, :overlap] * fade + stitched[:, -overlap:] * (1 - fade)
                     stitched = torch.cat([stitched, latents[:, overlap:]], dim=1)
