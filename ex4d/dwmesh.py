@@ -223,44 +223,54 @@ def _skirt(H: int, W: int, device=None):
     return xs, ys, nearest, lip_faces, torch.cat([curtain, back], 0)
 
 
-def _min_angle_deg(v: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Smallest interior angle (degrees) of every face, (T,F); degenerate faces give 0."""
-    p = v[:, faces]  # (T,F,3,3)
+# Per-face tests take the three corners a, b, c (each (..., 3)) and return (...) bool = invalid.
+
+
+def _thin(a, b, c, min_deg: float):
+    """The release's test: smallest interior angle < min_deg (degenerate faces count as thin)."""
+    cos_min = math.cos(math.radians(min_deg))
     out = None
-    for a, b, c in ((0, 1, 2), (1, 2, 0), (2, 0, 1)):
-        e1, e2 = p[:, :, b] - p[:, :, a], p[:, :, c] - p[:, :, a]
-        n1, n2 = e1.norm(dim=-1), e2.norm(dim=-1)
-        cos = (e1 * e2).sum(-1) / (n1 * n2).clamp_min(1e-20)
-        ang = torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
-        ang = torch.where((n1 > 0) & (n2 > 0), ang, torch.zeros_like(ang))
-        out = ang if out is None else torch.minimum(out, ang)
+    for p, q, r in ((a, b, c), (b, c, a), (c, a, b)):
+        e1, e2 = q - p, r - p
+        n = e1.norm(dim=-1) * e2.norm(dim=-1)
+        thin = ((e1 * e2).sum(-1) > cos_min * n) | (n <= 0)
+        out = thin if out is None else out | thin
     return out
 
 
-def _stretch_invalid(v: torch.Tensor, faces: torch.Tensor, ratio: float) -> torch.Tensor:
-    """The release's stretch test: largest per-axis edge extent / the frame's z-range >= ratio."""
-    p = v[:, faces]
-    extent = (p.amax(dim=2) - p.amin(dim=2)).amax(dim=-1)  # (T,F)
-    z = v[..., 2]
-    zrange = (z.amax(dim=1) - z.amin(dim=1)).clamp_min(1e-12)
-    return extent / zrange[:, None] >= ratio
+def _stretched(a, b, c, ratio: float, zrange):
+    """The release's stretch test: largest per-axis extent / the frame's z-range >= ratio."""
+    p = torch.stack([a, b, c], 0)
+    extent = (p.amax(0) - p.amin(0)).amax(-1)
+    return extent / zrange >= ratio
 
 
-def _dz_dxy_invalid(v: torch.Tensor, faces: torch.Tensor, limit: float) -> torch.Tensor:
-    p = v[:, faces]
-    d = torch.stack([p[:, :, 1] - p[:, :, 0], p[:, :, 2] - p[:, :, 1], p[:, :, 0] - p[:, :, 2]], dim=2)
-    dz = d[..., 2].abs().amax(dim=2)
-    dxy = torch.maximum(d[..., 0].abs(), d[..., 1].abs()).amax(dim=2)
-    return dz / dxy.clamp_min(1e-12) > limit
+def _steep(a, b, c, limit: float):
+    """The release's alternative filter: max |dz| / max(|dx|, |dy|) over the edges > limit."""
+    d = torch.stack([b - a, c - b, a - c], 0)
+    dz = d[..., 2].abs().amax(0)
+    dxy = torch.maximum(d[..., 0].abs(), d[..., 1].abs()).amax(0)
+    return dz > limit * dxy.clamp_min(1e-12)
 
 
-def _grazing_invalid(v: torch.Tensor, faces: torch.Tensor, max_deg: float) -> torch.Tensor:
-    """Faces whose normal is more than ``max_deg`` away from the source camera's ray to them."""
-    p = v[:, faces]
-    n = torch.cross(p[:, :, 1] - p[:, :, 0], p[:, :, 2] - p[:, :, 0], dim=-1)
-    r = p.mean(dim=2)  # camera at the origin
-    cos = (n * r).sum(-1).abs() / (n.norm(dim=-1) * r.norm(dim=-1)).clamp_min(1e-30)
-    return cos < math.cos(math.radians(max_deg))
+def _grazing(a, b, c, max_deg: float):
+    """The source camera (at the origin) sees the face more than ``max_deg`` from its normal."""
+    n = torch.cross(b - a, c - a, dim=-1)
+    r = a + b + c
+    return (n * r).sum(-1).abs() < math.cos(math.radians(max_deg)) * n.norm(dim=-1) * r.norm(dim=-1)
+
+
+def _face_test(verts, faces, n_grid: int, H: int, W: int, fn) -> torch.Tensor:
+    """Apply a corner test to every face, (T,F) bool. Grid faces use slices of the pixel grid (no gathers)."""
+    T = verts.shape[0]
+    P = verts[:, : H * W].reshape(T, H, W, 3)
+    tl, tr, bl, br = P[:, :-1, :-1], P[:, :-1, 1:], P[:, 1:, :-1], P[:, 1:, 1:]
+    grid = torch.stack([fn(tl, bl, tr), fn(tr, bl, br)], dim=-1).reshape(T, -1)[:, :n_grid]
+    extra = faces[n_grid:]
+    if extra.numel() == 0:
+        return grid
+    p = verts[:, extra]
+    return torch.cat([grid, fn(p[:, :, 0], p[:, :, 1], p[:, :, 2])], dim=1)
 
 
 def _jump_edges(q: torch.Tensor, di: int, dj: int, thresh: torch.Tensor, ratio: float = 0.0) -> torch.Tensor:
@@ -366,16 +376,18 @@ def build_dwmesh(depth, K, config: DWMeshConfig | None = None, device=None) -> D
         skirt_faces = torch.arange(n_grid_faces + lip_faces.shape[0], faces.shape[0], device=device)
 
     test = config.test
-    invalid = torch.zeros(T, faces.shape[0], dtype=torch.bool, device=device)
-    per_face = {
-        "angle": lambda v: _min_angle_deg(v, faces) < config.min_angle_deg,
-        "stretch": lambda v: _stretch_invalid(v, faces, config.stretch_ratio),
-        "dz_dxy": lambda v: _dz_dxy_invalid(v, faces, config.dz_dxy_max),
-        "ours": lambda v: _grazing_invalid(v, faces, config.max_grazing_deg),
-    }[test]
-    step = max(1, (1 << 20) // max(faces.shape[0], 1))  # frames per chunk: bounded (T,F,3,3) temporaries
+    invalid = torch.empty(T, faces.shape[0], dtype=torch.bool, device=device)
+    zrange = (verts[..., 2].amax(1) - verts[..., 2].amin(1)).clamp_min(1e-12)
+    step = max(1, (1 << 20) // max(faces.shape[0], 1))  # frames per chunk: bounded temporaries
     for t0 in range(0, T, step):
-        invalid[t0 : t0 + step] = per_face(verts[t0 : t0 + step])
+        zr = zrange[t0 : t0 + step].view(-1, 1)
+        per_face = {
+            "angle": lambda a, b, c: _thin(a, b, c, config.min_angle_deg),
+            "stretch": lambda a, b, c: _stretched(a, b, c, config.stretch_ratio, zr if a.ndim == 3 else zr[..., None]),  # noqa: B023
+            "dz_dxy": lambda a, b, c: _steep(a, b, c, config.dz_dxy_max),
+            "ours": lambda a, b, c: _grazing(a, b, c, config.max_grazing_deg),
+        }[test]
+        invalid[t0 : t0 + step] = _face_test(verts[t0 : t0 + step], faces, n_grid_faces, H, W, per_face)
     if test == "ours":
         invalid[:, :n_grid_faces] |= _ours_invalid(d, Kt, config.jump_footprints, config.jump_ratio)
         if lip_ids.numel():

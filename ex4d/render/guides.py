@@ -74,18 +74,21 @@ def render_guides(mesh, frames, path, rasterizer="auto", device=None, progress=N
         tid = rast[..., 3].long() - 1
         hit = tid >= 0
         src = torch.as_tensor(frames[t0:t1], device=dev).float()
+        n = t1 - t0
+        # One interpolation for everything per-vertex: eye depth, alpha, then uv or vertex colours.
+        parts = [pos[..., 3:4], mesh.vertex_alpha[t0:t1].to(dev)[..., None]]
         if cfg.sampling == "vertex":
-            col = rz.interpolate(mesh.vertex_colors(src).contiguous(), rast, faces)
+            parts.append(mesh.vertex_colors(src))
         else:
-            uv = rz.interpolate(mesh.uv.to(dev), rast, faces)
-            col = _sample_uv(src, uv)
+            parts.append(mesh.uv.to(dev)[None].expand(n, -1, -1))
+        vals = rz.interpolate(torch.cat(parts, -1).contiguous(), rast, faces)
+        z, alpha = vals[..., 0], vals[..., 1]
+        col = vals[..., 2:] if cfg.sampling == "vertex" else _sample_uv(src, vals[..., 2:4])
         if cfg.method in ("ex4d", "torn"):
-            alpha = rz.interpolate(mesh.vertex_alpha[t0:t1].to(dev)[..., None].contiguous(), rast, faces)[..., 0]
             m = hit & (alpha > cfg.alpha_threshold)
         else:
             fv = mesh.face_valid[t0:t1].to(dev)
-            m = hit & torch.gather(fv, 1, tid.clamp_min(0).reshape(t1 - t0, -1)).reshape(tid.shape)
-        z = rz.interpolate(pos[..., 3:4].contiguous(), rast, faces)[..., 0]
+            m = hit & torch.gather(fv, 1, tid.clamp_min(0).reshape(n, -1)).reshape(tid.shape)
         col = (col * m[..., None]).round().clamp(0, 255).to(torch.uint8)
         color[t0:t1], mask[t0:t1], depth[t0:t1] = col.cpu().numpy(), m.cpu().numpy(), (z * hit).cpu().numpy()
         if progress is not None:

@@ -125,16 +125,19 @@ def _splat(zbuf, ga, gb, gk, frame, gid, owner, col0, row0, dc, dr, width, heigh
     item's origin (float32 is enough so close to the origin): three perspective-correct barycentric
     numerators c_i (>= 0 inside; their sum is 1/w), far (1 - z/w >= 0) and near (z/w + 1 >= 0).
     """
-    v = ga[owner] * dc.float()[:, None] + gb[owner] * dr.float()[:, None] + gk[owner]  # (C,5)
+    g = torch.index_select(torch.cat([ga, gb, gk], 1), 0, owner)  # (C,15)
+    v = g[:, 0:5] * dc.float()[:, None] + g[:, 5:10] * dr.float()[:, None] + g[:, 10:15]  # (C,5)
+    del g
     c = v[:, :3]
     s = c.sum(1)
     tol = _EDGE_TOL * c.abs().sum(1, keepdim=True)
     inside = (c >= -tol).all(1) & (v[:, 3] >= 0) & (v[:, 4] >= 0) & (s > 0)
     sel = torch.nonzero(inside).squeeze(1)
-    o = owner[sel]
-    w = 1.0 / s[sel]  # eye depth of the hit point (clip w): sum(c) = 1/w
-    key = (w.view(torch.int32).long() << 32) | gid[o]
-    pix = frame[o] * (height * width) + (row0[o] + dr[sel]) * width + (col0[o] + dc[sel])
+    o = torch.index_select(owner, 0, sel)
+    w = 1.0 / torch.index_select(s, 0, sel)  # eye depth of the hit point (clip w): sum(c) = 1/w
+    base = frame * (height * width) + row0 * width + col0  # per item: pixel index of its origin
+    key = (w.view(torch.int32).long() << 32) | torch.index_select(gid, 0, o)
+    pix = torch.index_select(base, 0, o) + torch.index_select(dr, 0, sel) * width + torch.index_select(dc, 0, sel)
     zbuf.scatter_reduce_(0, pix, key, reduce="amin")
 
 
@@ -159,16 +162,20 @@ def _rasterize_group(pos, tri, height, width, max_candidates):
     vy = (pos[..., 1] * iw + 1.0) * (height / 2.0) - 0.5
     vz = pos[..., 2] * iw
     # Per triangle (T*F): bounding boxes of pixel centres; classify.
-    tx, ty = vx[:, tri_l].reshape(-1, 3), vy[:, tri_l].reshape(-1, 3)
-    front = vfront[:, tri_l].reshape(-1, 3).all(1)
-    tz = vz[:, tri_l].reshape(-1, 3)
+    # One gather for the four per-vertex quantities (index_select is far cheaper than fancy indexing).
+    per_vertex = torch.stack([vx, vy, vz, iw], dim=-1)  # (T,V,4)
+    corner = torch.index_select(per_vertex, 1, tri_l.reshape(-1)).reshape(-1, 3, 4)  # (T*F,3,4)
+    tx, ty, tz, t_iw_all = corner.unbind(-1)
+    del per_vertex, corner
+    vis_corner = t_iw_all > 0
+    front = vis_corner.all(1)
     c0 = torch.ceil(tx.amin(1) - 1e-3).clamp(0, width).long()
     c1 = torch.floor(tx.amax(1) + 1e-3).clamp(-1, width - 1).long()
     r0 = torch.ceil(ty.amin(1) - 1e-3).clamp(0, height).long()
     r1 = torch.floor(ty.amax(1) + 1e-3).clamp(-1, height - 1).long()
     nc, nr = (c1 - c0 + 1).clamp(min=0), (r1 - r0 + 1).clamp(min=0)
     culled = front & ((nc == 0) | (nr == 0) | (tz > 1).all(1) | (tz < -1).all(1))
-    culled |= ~vfront[:, tri_l].reshape(-1, 3).any(1)
+    culled |= ~vis_corner.any(1)
     small = front & ~culled & (nc * nr <= _SMALL_BOX)
     large = ~culled & ~small
     frame_all = torch.arange(T, device=device).repeat_interleave(F)
@@ -176,10 +183,13 @@ def _rasterize_group(pos, tri, height, width, max_candidates):
     # Direct path (screen-space 2D edge functions about the box corner, perspective-correct via 1/w).
     idx = torch.nonzero(small).squeeze(1)
     if idx.numel():
-        x = tx[idx] - c0[idx, None].float()
-        y = ty[idx] - r0[idx, None].float()
-        t_iw = iw[:, tri_l].reshape(-1, 3)[idx]
-        z = tz[idx]
+        sub = torch.index_select(torch.cat([tx, ty, tz, t_iw_all], 1), 0, idx)  # (n,12)
+        c0s, r0s = torch.index_select(c0, 0, idx), torch.index_select(r0, 0, idx)
+        x = sub[:, 0:3] - c0s[:, None].float()
+        y = sub[:, 3:6] - r0s[:, None].float()
+        z = sub[:, 6:9]
+        t_iw = sub[:, 9:12]
+        del sub
         # Edge function of vertex i: lambda_i(P) = cross(p_j - P, p_k - P) / area, linear in P.
         j, k = [1, 2, 0], [2, 0, 1]
         xj, yj, xk, yk = x[:, j], y[:, j], x[:, k], y[:, k]
@@ -200,16 +210,17 @@ def _rasterize_group(pos, tri, height, width, max_candidates):
         gb = torch.stack([cb[:, 0], cb[:, 1], cb[:, 2], -zb, zb], 1)
         gk = torch.stack([cc[:, 0], cc[:, 1], cc[:, 2], ones - zc, zc + ones], 1)
         keep = torch.nonzero(good).squeeze(1)
-        idx, ga, gb, gk = idx[keep], ga[keep], gb[keep], gk[keep]
-        area_px = nc[idx] * nr[idx]
+        idx, ga, gb, gk, c0s, r0s = idx[keep], ga[keep], gb[keep], gk[keep], c0s[keep], r0s[keep]
+        ncs_all = torch.index_select(nc, 0, idx)
+        area_px = ncs_all * torch.index_select(nr, 0, idx)
+        frames_s = torch.div(idx, F, rounding_mode="floor")
         for i0, i1 in _chunks(area_px, max_candidates):
             owner, off = _expand(area_px[i0:i1])
-            ncs = nc[idx[i0:i1]][owner]
-            sl = idx[i0:i1]
-            _splat(zbuf, ga[i0:i1], gb[i0:i1], gk[i0:i1], frame_all[sl], sl, owner, c0[sl], r0[sl],
-                   off % ncs, off // ncs, width, height)
+            ncs = torch.index_select(ncs_all[i0:i1], 0, owner)
+            _splat(zbuf, ga[i0:i1], gb[i0:i1], gk[i0:i1], frames_s[i0:i1], idx[i0:i1], owner, c0s[i0:i1], r0s[i0:i1],
+                   off % ncs, torch.div(off, ncs, rounding_mode="floor"), width, height)
         del x, y, t_iw, z, la, lb, lc, ca, cb, cc, ga, gb, gk
-    del tx, ty, tz, vx, vy, vz, iw
+    del tx, ty, tz, vx, vy, vz, iw, t_iw_all
 
     # Span path: exact row range from the feasible polygon, then one column interval per row.
     idx = torch.nonzero(large).squeeze(1)
@@ -250,7 +261,7 @@ def _rasterize_group(pos, tri, height, width, max_candidates):
     out = torch.zeros(T * height * width, 4, dtype=torch.float32, device=device)
     pix = torch.nonzero(zbuf != torch.iinfo(torch.int64).max).squeeze(1)
     if pix.numel():
-        gid = zbuf[pix] & 0xFFFFFFFF
+        gid = torch.index_select(zbuf, 0, pix) & 0xFFFFFFFF
         # Barycentrics of the winners, in float64 from the homogeneous setup.
         E, Z, _, _ = _edge_setup_ids(pos, tri_l, gid, F, height, width)
         row = ((pix % (height * width)) // width).double()
@@ -269,7 +280,8 @@ def _edge_setup_ids(pos, tri_l, gid, F, height, width):
     frame, t = gid // F, gid % F
     V = pos.shape[1]
     flat = pos.reshape(-1, 4)
-    v = flat[(frame[:, None] * V + tri_l[t])]  # (n,3,4)
+    ids = frame[:, None] * V + torch.index_select(tri_l, 0, t)
+    v = torch.index_select(flat, 0, ids.reshape(-1)).reshape(-1, 3, 4)
     return _edge_setup_vertices(v, height, width)
 
 
@@ -303,17 +315,19 @@ def _feasible_rows(G: torch.Tensor, width: int, height: int):
 def interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
     """Perspective-correct attribute interpolation: attr (T,V,C) or (V,C) -> (T,H,W,C); 0 on background."""
     T, H, W, _ = rast.shape
-    tid = rast[..., 3].long() - 1
+    tid = rast[..., 3].reshape(-1).long() - 1
     hit = tid >= 0
-    tri_l = tri.long()
-    v = tri_l[tid.clamp_min(0)]  # (T,H,W,3)
-    b0, b1 = rast[..., 0:1], rast[..., 1:2]
-    bary = torch.cat([b0, b1, 1.0 - b0 - b1], dim=-1)  # (T,H,W,3)
+    corners = torch.index_select(tri.long(), 0, tid.clamp_min(0)).reshape(T, H * W * 3)  # (T, HW*3)
+    C = attr.shape[-1]
     if attr.ndim == 2:
-        vals = attr[v]  # (T,H,W,3,C)
+        vals = torch.index_select(attr, 0, corners.reshape(-1))
     else:
         Vn = attr.shape[1]
-        frame = torch.arange(T, device=rast.device).view(T, 1, 1, 1) * Vn
-        vals = attr.reshape(-1, attr.shape[-1])[(v + frame)]
-    out = (vals * bary[..., None].to(vals.dtype)).sum(dim=-2)
-    return out * hit[..., None].to(out.dtype)
+        flat = corners + (torch.arange(T, device=rast.device) * Vn)[:, None]
+        vals = torch.index_select(attr.reshape(-1, C), 0, flat.reshape(-1))
+    vals = vals.reshape(T * H * W, 3, C)
+    b0 = rast[..., 0].reshape(-1, 1)
+    b1 = rast[..., 1].reshape(-1, 1)
+    out = vals[:, 0] * b0 + vals[:, 1] * b1 + vals[:, 2] * (1.0 - b0 - b1)
+    out = out * hit[:, None].to(out.dtype)
+    return out.reshape(T, H, W, C)
