@@ -183,6 +183,7 @@ def test_backend_death_is_noticed_and_reported(run):
     assert s["noticed_after_s"] is not None and s["noticed_after_s"] < 10
     assert any("stopped answering" in m[1] for m in s["messages"])
     assert s["generate_result"] == ["CANCELLED"] and s["generate_took_s"] < 15
+    assert s["abandoned_state"] == "cancelled"  # Cancel frees the panel when the backend is gone
 
 
 def test_budget(run):

@@ -170,7 +170,13 @@ def cancel(scene) -> None:
         props.job_state, props.job_message = "cancelled", f"{props.job_kind} cancelled"
         post("WARNING", props.job_message)
     elif props.job_id:
-        require_client().cancel(props.job_id)
+        if RT.client is None or not RT.client.alive():
+            # nobody to tell: free the panel (the backend, if it comes back, may still finish the job)
+            props.job_state = "cancelled"
+            props.job_message = f"{props.job_kind} abandoned: the backend is not reachable"
+            post("WARNING", props.job_message)
+            return
+        RT.client.cancel(props.job_id)
         props.job_stage = "cancelling"
 
 
@@ -181,6 +187,12 @@ def _job_done(scene, result) -> None:
         msg = handler(scene, result) if handler else f"{props.job_kind} finished"
     except errors.Ex4dError as e:
         _job_failed(props, e)
+        return
+    except Exception as e:  # a bug: the console gets the traceback, the artist a one-line report
+        import traceback
+
+        traceback.print_exc()
+        _job_failed(props, f"{type(e).__name__}: {e} (a bug in the add-on; the console has details)")
         return
     props.job_state, props.job_stage, props.job_message = "done", "done", msg
     props.job_step = props.job_total
@@ -291,7 +303,13 @@ def timer_step():
     for scene in bpy.data.scenes:
         props = scene.ex4d
         if busy(props) or RT.client is not None:
-            poll_once(scene)
+            try:
+                poll_once(scene)
+            except Exception as e:  # keep the timer alive whatever happens
+                import traceback
+
+                traceback.print_exc()
+                post("ERROR", f"EX-4D polling failed: {type(e).__name__}: {e}")
             active = active or busy(props)
             if busy(props):
                 _status_bar("EX-4D " + progress_text(props))

@@ -408,7 +408,10 @@ def _():
     msgs = jobs.take_messages()
     t = time.perf_counter()
     res, err = call(bpy.ops.ex4d.generate)
-    return {"noticed_after_s": noticed, "state": p.backend_state, "messages": msgs, "generate_result": res, "generate_error": err,
+    p.job_state, p.job_kind, p.job_id = "running", "generate", "0" * 32  # a job the dead backend had
+    call(bpy.ops.ex4d.cancel)
+    abandoned = p.job_state
+    return {"abandoned_state": abandoned, "noticed_after_s": noticed, "state": p.backend_state, "messages": msgs, "generate_result": res, "generate_error": err,
             "generate_took_s": time.perf_counter() - t, "job_state": p.job_state}
 
 
