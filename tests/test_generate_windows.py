@@ -28,8 +28,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_clip_longer_than_the_window_runs_in_blended_windows():
-    gen = load_generator("tiny", window=9, overlap=4)
+@pytest.fixture(scope="module")
+def gen():
+    return load_generator("tiny", window=9, overlap=4)
+
+
+def test_clip_longer_than_the_window_runs_in_blended_windows(gen):
     rng = np.random.default_rng(0)
     t = 14
     color = rng.integers(0, 256, (t, 32, 32, 3), dtype=np.uint8)
@@ -41,14 +45,14 @@ def test_clip_longer_than_the_window_runs_in_blended_windows():
     assert out.shape == (t, 32, 32, 3) and out.dtype == np.uint8
     assert ("windows", 0, 2) in stages and ("denoise", 2, 2) in stages  # 1 step x 2 windows
     # the first window alone == a 9-frame generation of the same frames (window 0 is the release's run)
-    first = load_generator("tiny").generate(color[:9], mask[:9], steps=1)
+    first = gen.generate(color[:9], mask[:9], steps=1)  # fits one window
     np.testing.assert_array_equal(out[:5], first[:5])  # before the overlap
     assert not np.array_equal(out[5:9], first[5:9])  # cross-faded with the second window
 
 
 @torch.no_grad()
-def test_vae_sees_the_mask_mapped_twice_and_tiny_init_is_seeded():
-    a, b = load_generator("tiny"), load_generator("tiny")
+def test_vae_sees_the_mask_mapped_twice_and_tiny_init_is_seeded(gen):
+    a, b = gen, load_generator("tiny")
     for (name, p), (_, q) in zip(a.pipe.named_parameters(), b.pipe.named_parameters()):
         assert torch.equal(p, q), name
     pipe = a.pipe
