@@ -208,6 +208,8 @@ def test_corrupt_and_missing_checkpoint_files(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(AdapterCheckpointError, match="corrupt"):
         read_state_dict(tmp_path / "bad.safetensors")
+    torch.save({"state_dict": adapter_state_dict(src_dit, src_enc), "epoch": 2}, tmp_path / "nested.ckpt")
+    assert len(read_state_dict(tmp_path / "nested.ckpt")) == 48
     torch.save({"step": 3}, tmp_path / "notensors.ckpt")
     with pytest.raises(AdapterCheckpointError, match="not a flat tensor state dict"):
         read_state_dict(tmp_path / "notensors.ckpt")

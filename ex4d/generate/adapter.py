@@ -126,9 +126,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, Exception) as e:  # noqa: B014
         detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise AdapterCheckpointError(f"cannot read the adapter checkpoint {path}: corrupt or not a checkpoint ({detail})") from None
-    for wrapper in ("state_dict", "module", "model_state"):
-        if isinstance(state, dict) and len(state) == 1 and isinstance(state.get(wrapper), dict):
+    for wrapper in ("state_dict", "module", "model_state"):  # trainer checkpoints nest the weights
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
+            break
     if not isinstance(state, dict) or not state:
         raise AdapterCheckpointError(f"{path} holds no state dict (found {type(state).__name__})")
     bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
