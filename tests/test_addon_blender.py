@@ -76,7 +76,9 @@ def test_connect_shows_capabilities(run):
 
 def test_import_video_reads_frames_in_blender(run):
     s = ok(run, "import_video")
+    assert s["state"] == "done", s["message"]
     assert s["frames_shape"] == [9, 48, 64, 3] and s["frame_range"] == [1, 9]
+    assert len(set(s["progress_steps"])) >= 3  # read a few frames per timer step, not all at once
     assert s["fx"] == pytest.approx(64 / 2 / np.tan(np.radians(30)))
     from ex4d.video import read_video
 

@@ -49,6 +49,8 @@ class SceneSettings:
 class GuideRender:
     """Renders shot frames 0..T-1 from ``camera_obj`` into ``out_dir/color_####.png`` and ``mask_####.png``."""
 
+    stage = "rendering guides"
+
     def __init__(self, scene, meshes, camera_obj, out_dir: str, frame_start: int, num_frames: int, width: int, height: int):
         if camera_obj is None or camera_obj.type != "CAMERA":
             raise errors.InputError("no camera to render the guides from: make a camera active (or key a move)")

@@ -213,7 +213,7 @@ def poll_once(scene) -> None:
         _, worker = RT.local
         try:
             more = worker.step()
-            props.job_stage, props.job_step = "rendering guides", worker.t
+            props.job_stage, props.job_step = getattr(worker, "stage", "working"), worker.t
             if not more:
                 RT.local = None
                 worker.finish()

@@ -23,7 +23,7 @@ def _run(op, fn, *args, **kwargs):
 
 
 def _start_watch(context) -> None:
-    if context.window is not None:
+    if context.window is not None and jobs.RT.watchers == 0:
         bpy.ops.ex4d.watch_job("INVOKE_DEFAULT")
 
 
@@ -65,11 +65,12 @@ class EX4D_OT_import_video(bpy.types.Operator, ImportHelper):
     fov_deg: FloatProperty(name="FOV (°)", default=0.0, min=0.0, max=179.0, description="Horizontal field of view (0 = unknown)")
 
     def execute(self, context):
-        ok, info = _run(self, workflow.import_video, context.scene, self.filepath, self.first_frame, self.num_frames,
-                        self.width, self.height, self.focal_px, self.fov_deg)
+        ok, reader = _run(self, workflow.start_import, context.scene, self.filepath, self.first_frame, self.num_frames,
+                          self.width, self.height, self.focal_px, self.fov_deg)
         if not ok:
             return {"CANCELLED"}
-        self.report({"INFO"}, f"imported {info['frames']} frames in {info['read_s']:.1f} s (intrinsics: {info['intrinsics']})")
+        _start_watch(context)  # the file browser calls execute, not our invoke
+        self.report({"INFO"}, f"reading {reader.num_frames} frames...")
         return {"FINISHED"}
 
 

@@ -73,43 +73,75 @@ def save_png_rgb(path: str, rgb: np.ndarray) -> None:
         bpy.data.images.remove(img)
 
 
-def read_frames(filepath: str, first: int, count: int, width: int, height: int) -> np.ndarray:
-    """Video frames first .. first+count-1 (0-based) at width x height (fill + centre crop), (T,H,W,3) uint8."""
-    path = bpy.path.abspath(filepath)
-    info = probe(path)
-    if first < 0 or count < 1 or first + count > info["frames"]:
-        raise errors.VideoError(
-            f"frames {first}..{first + count - 1} are outside the video ({info['frames']} frames, 0-based)"
-        )
-    scene = bpy.data.scenes.new("ex4d_reader")
-    tmp = tempfile.mkdtemp(prefix="ex4d_frames_")
-    try:
+class FrameReader:
+    """Reads video frames first .. first+count-1 (0-based) at width x height (fill + centre crop) a few
+    frames per ``step()`` (so a timer can drive it without freezing the UI); ``frames`` (T,H,W,3) uint8."""
+
+    stage = "reading frames"
+    CHUNK = 4
+
+    def __init__(self, filepath: str, first: int, count: int, width: int, height: int):
+        self.path = bpy.path.abspath(filepath)
+        self.info = probe(self.path)
+        if first < 0 or count < 1 or first + count > self.info["frames"]:
+            raise errors.VideoError(
+                f"frames {first}..{first + count - 1} are outside the video ({self.info['frames']} frames, 0-based)"
+            )
+        self.first, self.num_frames, self.width, self.height = int(first), int(count), int(width), int(height)
+        self.frames = np.empty((count, height, width, 3), dtype=np.uint8)
+        self.t = 0
+        self._tmp = tempfile.mkdtemp(prefix="ex4d_frames_")
+        scene = self._scene = bpy.data.scenes.new("ex4d_reader")
         r = scene.render
         # before adding the strip: its FILL transform is computed from the resolution at creation
-        r.resolution_x, r.resolution_y, r.resolution_percentage = int(width), int(height), 100
+        r.resolution_x, r.resolution_y, r.resolution_percentage = self.width, self.height, 100
         se = scene.sequence_editor_create()
-        strips(se).new_movie("source", path, 1, 1, fit_method="FILL")
+        strips(se).new_movie("source", self.path, 1, 1, fit_method="FILL")
         r.use_sequencer = True
         r.image_settings.file_format = "PNG"
         r.image_settings.color_mode = "RGB"
         r.image_settings.color_depth = "8"
         r.image_settings.compression = 0
-        r.filepath = os.path.join(tmp, "f_")
+        r.filepath = os.path.join(self._tmp, "f_")
         scene.view_settings.view_transform = "Standard"
         scene.view_settings.look = "None"
-        scene.frame_start, scene.frame_end = 1 + first, first + count
+
+    def step(self) -> bool:
+        """Read the next few frames; True while frames remain."""
+        n = min(self.CHUNK, self.num_frames - self.t)
+        if n <= 0:
+            return False
+        scene = self._scene
+        lo = self.first + self.t + 1  # scene frame of video frame first+t (the strip starts at frame 1)
+        scene.frame_end = 1_000_000
+        scene.frame_start, scene.frame_end = lo, lo + n - 1
         with bpy.context.temp_override(scene=scene):
             bpy.ops.render.render(animation=True, scene=scene.name)
-        out = np.empty((count, height, width, 3), dtype=np.uint8)
-        for i in range(count):
-            f = os.path.join(tmp, f"f_{first + 1 + i:04d}.png")
+        for i in range(n):
+            f = os.path.join(self._tmp, f"f_{lo + i:04d}.png")
             if not os.path.isfile(f):
-                raise errors.VideoError(f"{path}: Blender could not decode frame {first + i}")
-            out[i] = load_png_rgb(f)
-        return out
+                raise errors.VideoError(f"{self.path}: Blender could not decode frame {self.first + self.t + i}")
+            self.frames[self.t + i] = load_png_rgb(f)
+            os.remove(f)
+        self.t += n
+        return self.t < self.num_frames
+
+    def finish(self) -> None:
+        if self._scene is not None:
+            bpy.data.scenes.remove(self._scene)
+            self._scene = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def read_frames(filepath: str, first: int, count: int, width: int, height: int) -> np.ndarray:
+    """All at once (scripts, and re-reading the shot after a reload)."""
+    reader = FrameReader(filepath, first, count, width, height)
+    try:
+        while reader.step():
+            pass
+        return reader.frames
     finally:
-        bpy.data.scenes.remove(scene)
-        shutil.rmtree(tmp, ignore_errors=True)
+        reader.finish()
 
 
 def load_footage_image(filepath: str) -> "bpy.types.Image":

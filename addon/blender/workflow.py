@@ -32,35 +32,58 @@ def output_dir(props) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def import_video(scene, filepath: str, first: int = 0, count: int = 0, width: int = 512, height: int = 512,
-                 focal_px: float = 0.0, fov_deg: float = 0.0, frame_start: int | None = None) -> dict:
-    """Read the frames, store the shot on the scene, set the scene's range, size and rate. Returns timings."""
-    props = scene.ex4d
-    t0 = time.perf_counter()
+def start_import(scene, filepath: str, first: int = 0, count: int = 0, width: int = 512, height: int = 512,
+                 focal_px: float = 0.0, fov_deg: float = 0.0, frame_start: int | None = None):
+    """Check the settings, then read the frames a few per timer tick (a local job); apply_import finishes."""
+    if width <= 0 or height <= 0:
+        raise errors.InputError(f"working size must be positive, got {width}x{height}")
     info = video.probe(filepath)
     if count <= 0:
         count = info["frames"] - first
-    if width <= 0 or height <= 0:
-        raise errors.InputError(f"working size must be positive, got {width}x{height}")
     intr, source = shotlib.working_intrinsics(width, height, focal_px, fov_deg)
-    frames = video.read_frames(filepath, first, count, width, height)
-    t1 = time.perf_counter()
-    props.video_path = filepath
-    props.shot_name = shotlib.shot_name(filepath)
-    props.image = video.load_footage_image(filepath)
+    reader = video.FrameReader(filepath, first, count, width, height)
+    reader.settings = {"filepath": filepath, "intrinsics": intr, "source": source, "frame_start": frame_start,
+                       "started": time.perf_counter()}
+    try:
+        jobs.start_local(scene, "import", reader)
+    except errors.Ex4dError:
+        reader.finish()
+        raise
+    return reader
+
+
+def apply_import(scene, reader) -> str:
+    """Store the shot on the scene; set the scene's frame range, resolution and frame rate."""
+    props = scene.ex4d
+    s, info = reader.settings, reader.info
+    intr, count, width, height = s["intrinsics"], reader.num_frames, reader.width, reader.height
+    props.video_path = s["filepath"]
+    props.shot_name = shotlib.shot_name(s["filepath"])
+    props.image = video.load_footage_image(s["filepath"])
     props.src_width, props.src_height = info["width"], info["height"]
-    props.first_frame, props.num_frames = first, count
+    props.first_frame, props.num_frames = reader.first, count
     props.width, props.height, props.fps = width, height, info["fps"]
     props.fx, props.fy, props.cx, props.cy = intr.fx, intr.fy, intr.cx, intr.cy
-    props.intrinsics_source = source
-    props.frame_start = scene.frame_start if frame_start is None else frame_start
+    props.intrinsics_source = s["source"]
+    props.frame_start = scene.frame_start if s["frame_start"] is None else s["frame_start"]
     scene.frame_start, scene.frame_end = props.frame_start, props.frame_start + count - 1
     scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = width, height, 100
     if info["fps"] > 0:
         scene.render.fps, scene.render.fps_base = max(1, round(info["fps"])), max(1, round(info["fps"])) / info["fps"]
     _FRAMES_CACHE.clear()
-    _FRAMES_CACHE[_cache_key(props)] = frames
-    return {"read_s": t1 - t0, "frames": count, "intrinsics": source}
+    _FRAMES_CACHE[_cache_key(props)] = reader.frames
+    took = time.perf_counter() - s["started"]
+    return f"imported {count} frames at {width}x{height} in {took:.1f} s (intrinsics: {s['source']})"
+
+
+def import_video(scene, filepath: str, **kwargs) -> str:
+    """Synchronous import for scripts: start_import, then drive it to the end."""
+    start_import(scene, filepath, **kwargs)
+    while jobs.busy(scene.ex4d):
+        jobs.poll_once(scene)
+    if scene.ex4d.job_state != "done":
+        raise errors.VideoError(scene.ex4d.job_message)
+    return scene.ex4d.job_message
 
 
 def shot_frames(props) -> np.ndarray:
@@ -252,4 +275,6 @@ def send_to_timeline(scene, with_guides: bool = False, with_source: bool = False
     return made
 
 
-jobs.RT.result_handlers.update(reconstruct=apply_reconstruct, guides=apply_guides, generate=apply_generate)
+jobs.RT.result_handlers.update(
+    {"import": apply_import, "reconstruct": apply_reconstruct, "guides": apply_guides, "generate": apply_generate}
+)

@@ -28,6 +28,7 @@ p.address = ADDRESS
 p.output_dir = os.path.join(OUT, "ex4d_out") + os.sep
 bpy.ops.ex4d.connect()
 bpy.ops.ex4d.import_video(filepath=VIDEO, first_frame=0, num_frames=9, width=160, height=120, fov_deg=60.0)
+harness.pump(scene, lambda: p.job_state != "running", 120, sleep_s=0)
 bpy.ops.ex4d.reconstruct(depth_file=DEPTH)
 harness.pump(scene, lambda: p.job_state != "running", 120)
 bpy.ops.ex4d.camera_preset(preset="orbit_right", angle=25.0)

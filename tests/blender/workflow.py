@@ -102,10 +102,13 @@ def _():
 def _():
     props.output_dir = os.path.join(OUT, "ex4d_out") + os.sep
     res = bpy.ops.ex4d.import_video(filepath=VIDEO, first_frame=0, num_frames=9, width=64, height=48, fov_deg=60.0)
+    steps = []
+    harness.pump(scene, lambda: steps.append(props.job_step) or props.job_state != "running", 60, sleep_s=0)
     frames = workflow.shot_frames(props)
     np.save(os.path.join(OUT, "frames_blender.npy"), frames)
     return {"result": sorted(res), "num_frames": props.num_frames, "size": [props.width, props.height],
-            "fx": props.fx, "frame_range": [scene.frame_start, scene.frame_end], "frames_shape": list(frames.shape)}
+            "fx": props.fx, "frame_range": [scene.frame_start, scene.frame_end], "frames_shape": list(frames.shape),
+            "state": props.job_state, "message": props.job_message, "progress_steps": steps}
 
 
 @step("reconstruct")
@@ -370,6 +373,7 @@ def _():
     sc = bpy.context.scene
     p = sc.ex4d
     res = bpy.ops.ex4d.import_video(filepath=VIDEO, first_frame=3, num_frames=5, width=64, height=48, fov_deg=60.0)
+    harness.pump(sc, lambda: p.job_state != "running", 60, sleep_s=0)
     p.source_camera = None
     big = os.path.join(OUT, "depth_2x.npz")  # depth at twice the working size: resampled by the add-on
     d = np.load(DEPTH)["depth"]
