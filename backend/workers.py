@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import inspect
 import os
+import re
 import sys
 import time
 from typing import Any, Callable, Mapping
@@ -29,6 +30,7 @@ import numpy as np
 
 from ex4d.errors import Cancelled, InputError, OutOfMemoryError
 
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")  # names from clients select, never locate
 Handler = Callable[["Engine", dict, dict, Callable, Any], tuple[dict, dict]]
 HANDLERS: dict[str, Handler] = {}
 
@@ -107,6 +109,8 @@ def check_job(kind: str, params: dict, arrays: Mapping[str, np.ndarray]) -> None
         _same_video(f, d, "depth")
         if d is None and not params.get("depth_model"):
             raise InputError("no depth: send a 'depth' array (T,H,W) or name a 'depth_model' in params")
+        if d is None and not _PLAIN_NAME.match(str(params["depth_model"])):
+            raise InputError("depth_model must be a model name (letters, digits, '-', '_', '.')")
     if kind == "render":
         f = _frames(arrays)
         v = _float(arrays, "vertices", 3, (3,))
@@ -268,11 +272,16 @@ def _depth_for(engine: Engine, params: dict, arrays: dict, frames: np.ndarray, p
         from ex4d.depth.files import check_depth
 
         return check_depth(np.asarray(depth, dtype=np.float32), len(frames), frames.shape[1:3], source="depth array")
+    from ex4d.depth.files import check_depth, fit_depth
+
     model = engine.depth_model(str(params["depth_model"]))
     progress("depth", 0, 1)
     d = np.asarray(model.predict(frames), dtype=np.float32)
     progress("depth", 1, 1)
-    return d
+    T, H, W = frames.shape[:3]
+    if d.ndim == 3 and d.shape[1:] != (H, W):
+        d = fit_depth(d, (d.shape[2], d.shape[1]), W, H, "resize")
+    return check_depth(d, T, (H, W), source=f"depth model {params['depth_model']}")
 
 
 def mesh_arrays(mesh) -> dict[str, np.ndarray]:

@@ -88,6 +88,9 @@ def _error_for(code: str, message: str, job_id: str | None) -> errors.Ex4dError:
     return RemoteError(code, message, job_id)
 
 
+error_for = _error_for  # public name (the add-on maps polled ``error`` events with it)
+
+
 def _walk(cls):
     yield cls
     for sub in cls.__subclasses__():
