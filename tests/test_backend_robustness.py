@@ -88,3 +88,28 @@ def test_curve_admits_only_authorised_keys(tmp_path):
         assert svc.alive()
     finally:
         assert svc.stop() == 0
+
+
+def test_waiting_client_reattaches_after_a_restart(tmp_path):
+    """A client waiting on a job notices the backend died, reconnects to the restarted one on the same
+    address by itself, and asks for its job again: a finished one is delivered, a lost one reported."""
+    jobs = tmp_path / "jobs"
+    svc = ServiceProcess(["--generator", "none", "--heartbeat", "0.2"], jobs_dir=jobs, log_path=tmp_path / "a.log").start()
+    address = svc.address
+    try:
+        with Client(address, timeout_s=30, heartbeat_s=0.2, heartbeat_timeout_s=0.8) as c:
+            job = c.submit("echo", {"steps": 100, "step_seconds": 0.1}, {"x": np.ones(4)})
+            assert wait_until(lambda: c.status(job)["state"] == "running", 20)
+            svc.kill()
+            assert wait_until(lambda: not c.alive(), 5)
+            svc = ServiceProcess(["--generator", "none", "--heartbeat", "0.2"], jobs_dir=jobs, bind=address,
+                                 log_path=tmp_path / "b.log").start()
+            t0 = time.monotonic()
+            with pytest.raises(wire.RemoteError) as e:
+                c.wait(job, timeout_s=30)
+            assert e.value.code == "unknown_job" and time.monotonic() - t0 < 15
+            assert c.alive()
+            again = c.submit("echo", {}, {"x": np.ones(4)})  # the same client object keeps working
+            assert np.array_equal(c.wait(again, timeout_s=20).arrays["x"], np.ones(4))
+    finally:
+        svc.kill()
