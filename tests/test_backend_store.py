@@ -65,3 +65,23 @@ def test_queue_is_bounded_fifo_and_cancel_removes_queued():
 ])
 def test_loopback_detection(address, local):
     assert is_loopback(address) is local
+
+
+def test_gpu_out_of_memory_in_a_job_becomes_a_one_line_error():
+    import torch
+
+    from backend import workers
+    from ex4d.errors import OutOfMemoryError
+
+    def exhausts_memory(engine, params, arrays, progress, cancel):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    workers.HANDLERS["oom_probe"] = exhausts_memory
+    try:
+        engine = workers.Engine(generator="none", device="cpu")
+        engine.load()
+        with pytest.raises(OutOfMemoryError) as e:
+            engine.run("oom_probe", {}, {}, lambda *a, **k: None, None)
+        assert e.value.code == "out_of_memory" and "\n" not in str(e.value) and "memory-mode" in str(e.value)
+    finally:
+        del workers.HANDLERS["oom_probe"]
