@@ -8,7 +8,6 @@ The job id, kind and state live in ``scene.ex4d`` and are saved with the .blend,
 after a restart picks up a job that is still running or already finished.
 """
 
-import time
 
 import bpy
 

@@ -7,7 +7,7 @@ import bpy
 import numpy as np
 
 from . import cameras, dwmesh, guides, jobs, timeline, video
-from ..core import camera, errors, shot as shotlib
+from ..core import errors, shot as shotlib
 
 # Frames read at import, kept for Reconstruct (re-read from the movie after a reload).
 _FRAMES_CACHE = {}
