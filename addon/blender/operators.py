@@ -54,7 +54,7 @@ class EX4D_OT_import_video(bpy.types.Operator, ImportHelper):
     bl_idname = "ex4d.import_video"
     bl_label = "EX-4D: Import Video"
     bl_description = "Read a video's frames at the working size and set the scene up for the shot"
-    bl_options = {"REGISTER", "UNDO"}
+    bl_options = {"REGISTER"}  # the frames arrive later, from the timer: nothing to undo here
 
     filter_glob: StringProperty(default="*.mp4;*.mov;*.mkv;*.avi;*.webm", options={"HIDDEN"})
     first_frame: IntProperty(name="First frame", default=0, min=0, description="First video frame (0-based)")
