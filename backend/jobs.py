@@ -25,7 +25,7 @@ class Job:
     kind: str
     params: dict
     arrays: dict[str, np.ndarray] | None
-    owner: bytes | None  # ZeroMQ routing id of the client that gets its progress and result
+    owner: bytes | None  # ZeroMQ routing id of the client that submitted it
     state: str = QUEUED
     created: float = field(default_factory=time.time)
     started: float | None = None
@@ -40,6 +40,17 @@ class Job:
     result: tuple[dict, dict] | None = None
     saved: bool = True
     released: bool = False
+    # Clients that get its progress and result: the submitter, and whoever fetched it while it ran.
+    watchers: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.owner is not None and self.owner not in self.watchers:
+            self.watchers.append(self.owner)
+
+    def watch(self, peer: bytes) -> None:
+        if peer not in self.watchers:
+            self.watchers.append(peer)
+            del self.watchers[:-8]  # a few reconnects' worth; stale routes are dropped by ZeroMQ anyway
 
     def summary(self) -> dict[str, Any]:
         out = {"kind": self.kind, "state": self.state, "created": self.created}

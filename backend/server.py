@@ -233,11 +233,14 @@ class Server:
             except zmq.Again:
                 return
             job = self.table.get(frames[0].bytes.decode())
-            if job is not None and job.owner is not None:
+            if job is None:
+                continue
+            for peer in list(job.watchers):
                 try:
-                    self._router.send_multipart([job.owner, *frames[1:]], copy=False)
+                    # memoryviews of the received frames: the same bytes go to every watcher without a copy
+                    self._router.send_multipart([peer, *(f.buffer for f in frames[1:])], copy=False)
                 except zmq.ZMQError as e:
-                    log(f"could not send to the owner of job {job.id}: {e}")
+                    log(f"could not send to a client of job {job.id}: {e}")
 
     def _handle(self, frames) -> None:
         peer = frames[0].bytes
@@ -316,11 +319,11 @@ class Server:
             err = {"code": Cancelled.code, "message": "cancelled before it started"}
             self.table.finish(job, CANCELLED, err)
             self.store.save(job.id, {"state": CANCELLED, "kind": job.kind, "error": err})
-            for target in {job.owner, peer} - {None}:
+            for target in {*job.watchers, peer}:
                 self._send(target, "error", job.id, **err)
         elif job.state == RUNNING:
-            job.cancel.set()  # the worker stops within one step and answers the owner
-            if peer != job.owner:
+            job.cancel.set()  # the worker stops within one step and answers the watchers
+            if peer not in job.watchers:
                 self._send(peer, "status", job.id, **job.summary(), cancelling=True)
         else:
             self._send(peer, "status", job.id, **job.summary())
@@ -345,7 +348,7 @@ class Server:
             self._send(peer, "status", job.id, released=job.state in FINISHED, state=job.state)
             return
         if job.state in (QUEUED, RUNNING):
-            job.owner = peer  # progress and the result now go to this client
+            job.watch(peer)  # progress and the result now go to this client too
             self._send(peer, "status", job.id, **job.summary(), position=self.table.position(job))
         elif job.state == DONE:
             pending = job.result  # still being written to disk: serve it from memory

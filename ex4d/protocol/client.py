@@ -326,7 +326,7 @@ class Client:
 
     def fetch(self, job_id: str, timeout_s: float | None = None, release: bool = True) -> Result | None:
         """The result of a job submitted earlier (by any client): None while it is queued or running (its
-        progress now comes to this client), raises the job's error if it failed, RemoteError(unknown_job) if
+        progress and result now come to this client too), raises the job's error if it failed, RemoteError(unknown_job) if
         the backend does not know it."""
         job_id = check_job_id(job_id)
         self._send("fetch", job_id)
