@@ -45,15 +45,19 @@ def main() -> int:
     t_scene = time.perf_counter() - t
     path = preset_path(args.path, args.frames, Intrinsics.from_K(scene.K, args.size, args.size), depth0=depth[0])
 
+    c0 = time.process_time()
     t0 = time.perf_counter()
     mesh = build_dwmesh(torch.from_numpy(depth), scene.K, DWMeshConfig(method=args.method))
     t1 = time.perf_counter()
+    c1 = time.process_time()
     guides = render_guides(mesh, frames, path, rasterizer="torch")
     t2 = time.perf_counter()
+    c2 = time.process_time()
     print(json.dumps({
         "frames": args.frames, "size": args.size, "faces": int(mesh.faces.shape[0]), "method": args.method,
         "path": args.path, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "build_s": round(t1 - t0, 2), "render_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2),
+        "cpu_s": {"build": round(c1 - c0, 2), "render": round(c2 - c1, 2), "total": round(c2 - c0, 2)},
         "per_frame_ms": round(1000 * (t2 - t0) / args.frames, 1), "mask_mean": round(float(guides.mask.mean()), 4),
         "scene_raycast_s_untimed": round(t_scene, 1), "torch": torch.__version__, "python": platform.python_version(),
         "load_avg_1min": round(os.getloadavg()[0], 2),
