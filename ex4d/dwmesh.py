@@ -194,6 +194,7 @@ def _skirt(H: int, W: int, device=None):
     and the faces: lip faces (pixels <-> lip), curtain + back plate faces. Vertex ids: pixels
     0..HW-1, lip HW..HW+n-1, far ring HW+n..HW+2n-1.
     """
+    target, device = device, None  # topology is built on the CPU (a few thousand items), then moved
     He, We = H + 2, W + 2
     ext = torch.full((He, We), -1, dtype=torch.long, device=device)
     ext[1:-1, 1:-1] = torch.arange(H * W, device=device).view(H, W)
@@ -215,12 +216,14 @@ def _skirt(H: int, W: int, device=None):
     right = [(i, We - 1) for i in range(1, He)]
     bottom = [(He - 1, j) for j in range(We - 2, -1, -1)]
     left = [(i, 0) for i in range(He - 2, 0, -1)]
-    cyc = torch.tensor([ext[i, j].item() for i, j in top + right + bottom + left], device=device)
+    ij = torch.tensor(top + right + bottom + left)
+    cyc = ext[ij[:, 0], ij[:, 1]]
     nxt = torch.roll(cyc, -1)
     curtain = torch.cat([torch.stack([cyc, nxt, cyc + n], 1), torch.stack([nxt, nxt + n, cyc + n], 1)], 0)
     c = [flat[0] + n, flat[We - 1] + n, flat[(He - 1) * We] + n, flat[He * We - 1] + n]
     back = torch.stack([torch.stack([c[0], c[2], c[1]]), torch.stack([c[1], c[2], c[3]])])
-    return xs, ys, nearest, lip_faces, torch.cat([curtain, back], 0)
+    out = (xs, ys, nearest, lip_faces, torch.cat([curtain, back], 0))
+    return tuple(t.to(target) for t in out)
 
 
 # Per-face tests take the three corners a, b, c (each (..., 3)) and return (...) bool = invalid.

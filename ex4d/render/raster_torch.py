@@ -28,18 +28,12 @@ import torch
 _EDGE_TOL = 1e-5
 
 
-def _edge_setup(pos: torch.Tensor, tri: torch.Tensor, height: int, width: int):
-    """Per (frame, triangle): edge-function coefficients in pixel-index coordinates.
-
-    Returns E (N,3,3) float64 with c_i = E[:, i] . (col, row, 1) (already divided by det(M)),
-    Z (N,3) float64 clip z of the vertices, ok (N,) bool (non-degenerate, not entirely behind).
-    """
-    v = pos[:, tri.long()]  # (T,F,3,4)
-    return _edge_setup_vertices(v.reshape(-1, 3, 4), height, width)
-
-
 def _edge_setup_vertices(v: torch.Tensor, height: int, width: int):
-    """:func:`_edge_setup` for explicit triangle vertices v (N,3,4)."""
+    """Per triangle (vertices v (N,3,4) in clip space): edge-function coefficients in pixel-index coordinates.
+
+    Returns E (N,3,3) float64 with c_i = E[:, i] . (col, row, 1) (already divided by det(M)), Z (N,3)
+    and W (N,3) float64 clip z and w of the vertices, ok (N,) bool (non-degenerate, not all behind).
+    """
     v = v.double()
     X, Y, Z, W = v.unbind(-1)  # (N,3) each
     cols = torch.stack([X, Y, W], dim=-1)  # (N,3 vertices,3)
@@ -178,7 +172,6 @@ def _rasterize_group(pos, tri, height, width, max_candidates):
     culled |= ~vis_corner.any(1)
     small = front & ~culled & (nc * nr <= _SMALL_BOX)
     large = ~culled & ~small
-    frame_all = torch.arange(T, device=device).repeat_interleave(F)
 
     # Direct path (screen-space 2D edge functions about the box corner, perspective-correct via 1/w).
     idx = torch.nonzero(small).squeeze(1)
@@ -255,7 +248,7 @@ def _rasterize_group(pos, tri, height, width, max_candidates):
             for p0, p1 in _chunks(ncols, max_candidates):
                 owner, off = _expand(ncols[p0:p1])
                 sl = slice(p0, p1)
-                _splat(zbuf, ga[sl], gb[sl], gk[sl], frame_all[tsel[sl]], tsel[sl], owner, clo[sl], prow[sl],
+                _splat(zbuf, ga[sl], gb[sl], gk[sl], torch.div(tsel[sl], F, rounding_mode="floor"), tsel[sl], owner, clo[sl], prow[sl],
                        off, torch.zeros_like(off), width, height)
 
     out = torch.zeros(T * height * width, 4, dtype=torch.float32, device=device)
@@ -276,7 +269,7 @@ def _rasterize_group(pos, tri, height, width, max_candidates):
 
 
 def _edge_setup_ids(pos, tri_l, gid, F, height, width):
-    """:func:`_edge_setup` for the (frame * F + triangle) ids ``gid`` only."""
+    """:func:`_edge_setup_vertices` for the (frame * F + triangle) ids ``gid``."""
     frame, t = gid // F, gid % F
     V = pos.shape[1]
     flat = pos.reshape(-1, 4)
