@@ -44,7 +44,8 @@ class ServiceProcess:
         log = open(self.log_path, "ab")
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=log, env=env, text=True,
+                                     preexec_fn=_die_with_parent if _PRCTL is not None else None)
         log.close()
         line: list[str] = []
 
@@ -106,6 +107,26 @@ class ServiceProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _load_prctl():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except Exception:
+        return None
+
+
+# Looked up once here: the function below runs between fork and exec, where importing (the import lock may
+# be held by another thread of a test process) must not happen.
+_PRCTL = _load_prctl() if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the service when the process that started it dies (a killed test run leaves nothing)."""
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.05) -> bool:
