@@ -163,3 +163,41 @@ def test_render_guides_source_camera_and_shapes():
         assert g.mask[0].all() and np.array_equal(g.color[0], frames[0])  # the source camera itself
         assert (g.color[1][~g.mask[1]] == 0).all()
         assert g.mask[1].mean() > 0.4
+
+
+def test_ours_keeps_border_pixels_and_closes_outside_the_image():
+    H, W = 8, 10
+    depth = torch.full((1, H, W), 3.0)
+    mesh = build_dwmesh(depth, _K(W, H), DWMeshConfig(method="ours"))
+    z = -mesh.vertices[0, : H * W, 2].reshape(H, W)
+    assert torch.allclose(z, torch.tensor(3.0))  # the real outer ring is kept
+    n_ring = 2 * (H + W) + 4
+    lip, far = mesh.vertices[0, H * W : H * W + n_ring], mesh.vertices[0, H * W + n_ring :]
+    assert torch.allclose(-lip[:, 2], torch.tensor(3.0)) and (-far[:, 2] >= 100.0).all()
+    n_grid = 2 * (H - 1) * (W - 1)
+    valid = mesh.face_valid[0]
+    assert valid[:n_grid].all()
+    faces = mesh.faces.long()
+    touches_far = (faces >= H * W + n_ring).any(1)
+    assert not valid[touches_far].any()  # curtain and back plate never count as seen
+    assert valid[n_grid:][~touches_far[n_grid:]].all()  # lip faces of a continuous plane are valid
+
+
+def test_torn_deletes_invalid_faces_and_recipe_erodes():
+    # A near square in front of a far wall, seen from a camera moved sideways.
+    H, W = 24, 32
+    K = _K(W, H, f=30.0)
+    depth = torch.full((1, H, W), 8.0)
+    depth[:, 8:16, 10:20] = 2.0
+    frames = np.full((1, H, W, 3), 200, np.uint8)
+    c2w = np.eye(4)[None].copy()
+    c2w[0, 0, 3] = 0.6
+    path = CameraPath(c2w, K, W, H)
+    masks = {}
+    for method in ("ours", "ex4d", "torn"):
+        mesh = build_dwmesh(depth, K, DWMeshConfig(method=method))
+        masks[method] = render_guides(mesh, frames, path, rasterizer="torch").mask[0]
+    # Torn (the recipe with invalid faces deleted) shows wall pixels the recipe's kept faces cover.
+    assert (masks["torn"] & ~masks["ex4d"]).any()
+    # The recipe's zeroed vertex alpha erodes valid pixels around invalid faces; ours does not.
+    assert masks["ours"].sum() > masks["ex4d"].sum()
