@@ -152,3 +152,22 @@ def test_module_swapper_cpu():
     with swap.on_device() as m:
         assert torch.equal(m(x), ref)
     assert torch.equal(lin(x), ref)
+
+
+@pytest.mark.slow
+def test_ex4d_bench_tiny_cpu_report(tmp_path):
+    """`ex4d bench` end to end on the tiny model: one JSON report, reference vs ours, every stage."""
+    import json
+
+    from ex4d.cli import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--tiny", "--device", "cpu", "--frames", "5", "--size", "64", "--steps", "1",
+               "--depth-model", "none", "--no-geometry", "--json-out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    ref, ours = report["runs"]["reference"], report["runs"]["ours"]
+    for run in (ref, ours):
+        assert {"text_encoding", "image_encoding", "video_condition", "denoise_step", "vae_decode"} <= set(run["stages"])
+    assert ours["noise_pred_cosine_vs_reference"]["min"] > 0.9999  # CPU: real RoPE + CFG batch only
+    assert "speedup_whole_shot" in ours and set(report["levers"]["skipped"]) == {"fp8_ffn", "cudnn_attention", "compile"}
