@@ -80,7 +80,7 @@ def da_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dc_dir(tmp_path_factory):
-    """DepthCrafter/unet + stable-video-diffusion-img2vid-xt/{vae,image_encoder,feature_extractor,scheduler}."""
+    """DepthCrafter/ (UNet) + stable-video-diffusion-img2vid-xt/{vae,image_encoder,feature_extractor,scheduler}."""
     from transformers import CLIPImageProcessor
 
     from ex4d.depth.models.depthcrafter import DepthCrafter, tiny_configs
@@ -88,9 +88,9 @@ def dc_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("depthcrafter")
     configs = tiny_configs()
     model = DepthCrafter.build_random(configs, device="cpu", dtype="fp32")
-    model.unet.save_pretrained(folder / "DepthCrafter" / "unet")
+    model.unet.save_pretrained(folder / "DepthCrafter")  # tencent/DepthCrafter: UNet files at the repo root
     # the published UNet config names the release's subclass; the loader must not care
-    unet_config = folder / "DepthCrafter" / "unet" / "config.json"
+    unet_config = folder / "DepthCrafter" / "config.json"
     data = json.loads(unet_config.read_text())
     data["_class_name"] = "DiffusersUNetSpatioTemporalConditionModelDepthCrafter"
     unet_config.write_text(json.dumps(data))
@@ -295,7 +295,7 @@ def test_missing_weights_name_every_file_and_the_download_command(tmp_path):
     with pytest.raises(errors.WeightsError) as e:
         load_depth_model("depthcrafter", tmp_path, device="cpu")
     msg = str(e.value)
-    for name in ("DepthCrafter/unet/config.json", "unet/diffusion_pytorch_model", "vae/config.json",
+    for name in ("DepthCrafter/config.json", "DepthCrafter/diffusion_pytorch_model", "vae/config.json",
                  "image_encoder/model", "feature_extractor/preprocessor_config.json", "scheduler/scheduler_config.json"):
         assert name in msg
     assert "hf download tencent/DepthCrafter" in msg and "stable-video-diffusion-img2vid-xt" in msg
@@ -321,7 +321,18 @@ def test_one_missing_component_is_named(dc_dir, tmp_path):
         load_depth_model("depthcrafter", copy, device="cpu")
     assert "vae/diffusion_pytorch_model.safetensors or" in str(e.value)
     assert "vae/diffusion_pytorch_model.fp16.safetensors" in str(e.value)
-    assert "unet" not in str(e.value).split("download")[0]  # only the missing file is listed
+    assert "DepthCrafter/" not in str(e.value).split("download")[0]  # only the missing file is listed
+
+
+def test_depthcrafter_snapshot_from_before_the_unet_moved_to_the_root(dc_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "dc"
+    shutil.copytree(dc_dir, copy)
+    (copy / "DepthCrafter" / "unet").mkdir()
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        (copy / "DepthCrafter" / name).rename(copy / "DepthCrafter" / "unet" / name)
+    assert load_depth_model("depthcrafter", copy, device="cpu").unet.config.in_channels == 8
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads anything")
@@ -354,7 +365,7 @@ def test_key_mismatch_lists_missing_and_unexpected_keys(da_dir, dc_dir, vda_dir,
     # DepthCrafter: a UNet tensor dropped
     dc = tmp_path / "dc"
     shutil.copytree(dc_dir, dc)
-    path = dc / "DepthCrafter" / "unet" / "diffusion_pytorch_model.safetensors"
+    path = dc / "DepthCrafter" / "diffusion_pytorch_model.safetensors"
     state = load_file(path)
     state.pop("conv_out.weight")
     save_file(state, path, metadata={"format": "pt"})

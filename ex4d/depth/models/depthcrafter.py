@@ -3,8 +3,9 @@
 Model: DepthCrafter fine-tunes Stable Video Diffusion's spatio-temporal UNet to denoise *depth*
 latents conditioned on the video. Parts and where their weights come from:
 
-* ``UNetSpatioTemporalConditionModel`` (diffusers) <- ``tencent/DepthCrafter`` ``unet/`` (its config
-  is SVD's UNet config; the release subclasses the UNet only to change its forward, see below);
+* ``UNetSpatioTemporalConditionModel`` (diffusers) <- ``tencent/DepthCrafter`` (``config.json`` +
+  ``diffusion_pytorch_model.safetensors`` at the repo root; ``unet/`` in snapshots before 2024-09-23;
+  SVD's UNet config; the release subclasses the UNet only to change its forward, see below);
 * ``AutoencoderKLTemporalDecoder`` (diffusers) <- SVD ``vae/``;
 * ``CLIPVisionModelWithProjection`` (transformers) <- SVD ``image_encoder/``; CLIP normalisation from
   SVD ``feature_extractor/preprocessor_config.json``;
@@ -50,8 +51,10 @@ from .base import (DepthModel, DisparityToDepth, check_cancel, load_checked_stat
 NAME = "depthcrafter"
 DEPTHCRAFTER_REPO = "tencent/DepthCrafter"
 SVD_REPO = "stabilityai/stable-video-diffusion-img2vid-xt"
-# Folder names tried under the weights folder (first found wins); "." = the folder itself.
-UNET_ROOTS = ("DepthCrafter", ".")
+# Folders tried under the weights folder (first holding the marker file wins); "." = the folder itself.
+# tencent/DepthCrafter keeps the UNet's config.json + weights at its root (they were in unet/ before
+# 2024-09-23); SVD keeps each component in its own subfolder.
+UNET_DIRS = ("DepthCrafter", "DepthCrafter/unet", "unet")
 SVD_ROOTS = ("stable-video-diffusion-img2vid-xt", "stable-video-diffusion-img2vid", ".")
 
 
@@ -458,7 +461,7 @@ def _pick_root(folder: Path, roots, marker: str) -> str:
 
 
 def _needed_files(folder: Path, prefer_fp16: bool) -> dict:
-    unet_root = _pick_root(folder, UNET_ROOTS, "unet")
+    unet_dir = _pick_root(folder, UNET_DIRS, "config.json")
     svd_root = _pick_root(folder, SVD_ROOTS, "vae")
 
     def rel(root, *parts):
@@ -469,8 +472,8 @@ def _needed_files(folder: Path, prefer_fp16: bool) -> dict:
         return (half, full) if prefer_fp16 else (full, half)
 
     return {
-        "unet_config": (rel(unet_root, "unet", "config.json"),),
-        "unet_weights": weights(unet_root, "unet", "diffusion_pytorch_model"),
+        "unet_config": (rel(unet_dir, "config.json"),),
+        "unet_weights": weights(unet_dir, ".", "diffusion_pytorch_model"),
         "vae_config": (rel(svd_root, "vae", "config.json"),),
         "vae_weights": weights(svd_root, "vae", "diffusion_pytorch_model"),
         "image_encoder_config": (rel(svd_root, "image_encoder", "config.json"),),
