@@ -182,6 +182,18 @@ def grid_faces(H: int, W: int, device=None) -> torch.Tensor:
     return f.reshape(-1, 3)
 
 
+_TOPOLOGY_CACHE: dict = {}
+
+
+def _cached(key, build):
+    """Topology depends on (H, W) only: build it once per size and device (a few MB), reuse per shot."""
+    if key not in _TOPOLOGY_CACHE:
+        if len(_TOPOLOGY_CACHE) > 16:
+            _TOPOLOGY_CACHE.clear()
+        _TOPOLOGY_CACHE[key] = build()
+    return _TOPOLOGY_CACHE[key]
+
+
 def _skirt(H: int, W: int, device=None):
     """The ``ours`` border: a lip and a skirt OUTSIDE the pixel grid, on the image boundary.
 
@@ -332,6 +344,20 @@ def _ours_invalid(depth: torch.Tensor, K: torch.Tensor, footprints: float, ratio
     return torch.stack([A, B], dim=-1).reshape(T, -1)
 
 
+def _touches_valid_face(grid_valid: torch.Tensor, T: int, H: int, W: int) -> torch.Tensor:
+    """(T,H,W) bool: the pixel is a corner of at least one valid grid face (slices, no scatter).
+
+    Quad (i,j) has face A = (tl, bl, tr) and B = (tr, bl, br), see ``grid_faces``."""
+    v = grid_valid.reshape(T, H - 1, W - 1, 2)
+    A, B = v[..., 0], v[..., 1]
+    out = torch.zeros(T, H, W, dtype=torch.bool, device=grid_valid.device)
+    out[:, :-1, :-1] |= A
+    out[:, 1:, :-1] |= A | B
+    out[:, :-1, 1:] |= A | B
+    out[:, 1:, 1:] |= B
+    return out
+
+
 def build_dwmesh(depth, K, config: DWMeshConfig | None = None, device=None) -> DWMesh:
     """Build the DW-mesh of every frame: depth (T,H,W) z-depth (torch or numpy), K (3,3) or (T,3,3)."""
     config = config or DWMeshConfig()
@@ -348,7 +374,7 @@ def build_dwmesh(depth, K, config: DWMeshConfig | None = None, device=None) -> D
 
     ys, xs = torch.meshgrid(torch.arange(H, device=device, dtype=torch.float32) + 0.5,
                             torch.arange(W, device=device, dtype=torch.float32) + 0.5, indexing="ij")
-    faces = grid_faces(H, W, device)
+    faces = _cached(("grid", H, W, str(device)), lambda: grid_faces(H, W, device))
     bad_pixel = ~good
     d = torch.where(good, depth, torch.full_like(depth, config.border_depth))
 
@@ -365,7 +391,7 @@ def build_dwmesh(depth, K, config: DWMeshConfig | None = None, device=None) -> D
         skirt_faces = torch.zeros(0, dtype=torch.long, device=device)
         lip_ids = skirt_faces
     else:
-        sx, sy, nearest, lip_faces, closing = _skirt(H, W, device)
+        sx, sy, nearest, lip_faces, closing = _cached(("skirt", H, W, str(device)), lambda: _skirt(H, W, device))
         grid = unproject(d, Kt, xs, ys).reshape(T, H * W, 3)
         lip = unproject(d.reshape(T, -1)[:, nearest], Kt, sx, sy)
         far = (d.reshape(T, -1).amax(dim=1) * config.skirt_scale).clamp(min=config.border_depth, max=500.0)
@@ -381,7 +407,10 @@ def build_dwmesh(depth, K, config: DWMeshConfig | None = None, device=None) -> D
     test = config.test
     invalid = torch.empty(T, faces.shape[0], dtype=torch.bool, device=device)
     zrange = (verts[..., 2].amax(1) - verts[..., 2].amin(1)).clamp_min(1e-12)
-    step = max(1, (1 << 20) // max(faces.shape[0], 1))  # frames per chunk: bounded temporaries
+    # Frames per chunk: bounded temporaries (a few hundred MB on a GPU, tens of MB on a CPU where
+    # cache-sized chunks are faster anyway); on a GPU few chunks also mean few kernel launches.
+    budget = 1 << (24 if device.type == "cuda" else 20)
+    step = max(1, budget // max(faces.shape[0], 1))
     for t0 in range(0, T, step):
         zr = zrange[t0 : t0 + step].view(-1, 1)
         per_face = {
@@ -395,12 +424,9 @@ def build_dwmesh(depth, K, config: DWMeshConfig | None = None, device=None) -> D
         invalid[:, :n_grid_faces] |= _ours_invalid(d, Kt, config.jump_footprints, config.jump_ratio)
         if lip_ids.numel():
             # A lip face inherits the border surface's validity: each of its pixels must touch a valid face.
-            has_valid = torch.zeros(T, verts.shape[1], device=device)
-            gf = faces[:n_grid_faces]
-            has_valid.scatter_add_(1, gf.reshape(1, -1).expand(T, -1),
-                                   (~invalid[:, :n_grid_faces]).float().repeat_interleave(3, 1))
+            has_valid = _touches_valid_face(~invalid[:, :n_grid_faces], T, H, W).reshape(T, -1)
             lf = faces[lip_ids]
-            ok = ((has_valid[:, lf.clamp(max=H * W - 1)] > 0) | (lf >= H * W)[None]).all(-1)
+            ok = (has_valid[:, lf.clamp(max=H * W - 1)] | (lf >= H * W)[None]).all(-1)
             invalid[:, lip_ids] |= ~ok
     # Faces touching pixels without depth are never valid; the skirt never is.
     if bool(bad_pixel.any()):

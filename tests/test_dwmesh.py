@@ -201,3 +201,16 @@ def test_torn_deletes_invalid_faces_and_recipe_erodes():
     assert (masks["torn"] & ~masks["ex4d"]).any()
     # The recipe's zeroed vertex alpha erodes valid pixels around invalid faces; ours does not.
     assert masks["ours"].sum() > masks["ex4d"].sum()
+
+
+def test_touches_valid_face_matches_scatter():
+    """The slice formulation of "pixel touches a valid grid face" equals a plain scatter over the faces."""
+    from ex4d.dwmesh import _touches_valid_face, grid_faces
+
+    T, H, W = 2, 5, 7
+    faces = grid_faces(H, W)
+    valid = torch.rand(T, faces.shape[0], generator=torch.Generator().manual_seed(0)) > 0.7
+    ref = torch.zeros(T, H * W)
+    ref.scatter_add_(1, faces.reshape(1, -1).expand(T, -1), valid.float().repeat_interleave(3, 1))
+    got = _touches_valid_face(valid, T, H, W).reshape(T, -1)
+    assert torch.equal(got, ref > 0)

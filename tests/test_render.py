@@ -143,3 +143,27 @@ def test_functional_api_shapes():
     assert out.shape == (3, 5, 7, 3)
     hit = rast[..., 3] > 0
     np.testing.assert_allclose(out.sum(-1)[hit].numpy(), 1.0, atol=1e-5)
+
+
+def test_render_guides_torch_output_matches_numpy():
+    """output="torch" leaves the guides on the render device; .numpy() gives the default result."""
+    import numpy as np
+    import torch
+
+    from ex4d.camera import Intrinsics, preset_path
+    from ex4d.dwmesh import build_dwmesh
+    from ex4d.render import render_guides
+    from ex4d.synthetic import make_scene
+
+    scene = make_scene(3, 48, 32, 3)
+    frames, depth = scene.source()
+    mesh = build_dwmesh(depth, scene.K)
+    path = preset_path("30", 3, Intrinsics.from_K(scene.K, 48, 32), depth0=depth[0])
+    ref = render_guides(mesh, frames, path, rasterizer="torch")
+    got = render_guides(mesh, torch.from_numpy(frames), path, rasterizer="torch", output="torch")
+    assert isinstance(got.color, torch.Tensor) and got.color.dtype == torch.uint8
+    back = got.numpy()
+    for a, b in zip((ref.color, ref.mask, ref.depth), (back.color, back.mask, back.depth)):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    assert ref.mask[0].all()  # frame 0 of a preset is the source camera
