@@ -12,11 +12,21 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BLENDER_PY = ROOT / ".venv-blender" / "bin" / "python"
 BLENDER_SCRIPTS = ROOT / "tests" / "blender"
 
+# The Python that has the bpy module: .venv-blender (bpy 5.0.1, set up by .ci/setup) unless
+# EX4D_TEST_BPY_PYTHON names another one, e.g. a venv with bpy 4.2 LTS (docs/addon.md, "Tests").
+BPY_PYTHON_ENV = "EX4D_TEST_BPY_PYTHON"
+if os.environ.get(BPY_PYTHON_ENV):
+    BLENDER_PY = Path(os.environ[BPY_PYTHON_ENV]).expanduser()
+    if not BLENDER_PY.exists():  # asked for explicitly: an error, not a silent skip
+        raise RuntimeError(f"{BPY_PYTHON_ENV}={BLENDER_PY} does not exist")
+else:
+    BLENDER_PY = ROOT / ".venv-blender" / "bin" / "python"
+
 needs_blender = pytest.mark.skipif(
-    not BLENDER_PY.exists(), reason="no .venv-blender (bpy 5.0.1 needs Python 3.11; run `bash .ci/setup`)"
+    not BLENDER_PY.exists(),
+    reason=f"no .venv-blender (bpy 5.0.1 needs Python 3.11; run `bash .ci/setup`) and no {BPY_PYTHON_ENV}",
 )
 
 

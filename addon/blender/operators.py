@@ -23,7 +23,7 @@ def _run(op, fn, *args, **kwargs):
 
 
 def _start_watch(context) -> None:
-    if context.window is not None and jobs.RT.watchers == 0:
+    if context.window is not None and not bpy.app.background and jobs.RT.watchers == 0:  # modal needs an event loop
         bpy.ops.ex4d.watch_job("INVOKE_DEFAULT")
 
 
