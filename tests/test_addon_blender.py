@@ -96,6 +96,17 @@ def test_dwmesh_vertices_uvs_and_per_frame_positions(run):
     assert s["validity_equal"] and s["has_paint_attr"]
 
 
+def test_backend_results_released_only_once_on_disk(run):
+    s = ok(run, "reconstruct")  # lives in the scene: kept until the .blend is saved
+    assert s["kept_before_save"] == "done" and s["after_save"] == "unknown_job"
+    assert ok(run, "generate")["released"] == "unknown_job"  # the PNG files are written
+    s = ok(run, "result_kept_until_written")
+    assert s["state_failed"] == "failed" and "could not write" in s["message_failed"], s["message_failed"]
+    assert s["backend_after_failure"] == "done"  # not released: still there to fetch
+    assert s["reconnect"] == ["FINISHED"] and s["state"] == "done", s["message"]
+    assert s["files"] == 9 and s["backend_after_write"] == "unknown_job"
+
+
 def test_presets_match_ex4d_camera_through_the_rig(run):
     s = ok(run, "camera_presets")
     for name, r in s.items():

@@ -6,6 +6,12 @@ socket (progress, result, error), applies finished results to the scene and watc
 cancels and errors become reports); tests call it directly (the bpy module runs no event loop).
 The job id, kind and state live in ``scene.ex4d`` and are saved with the .blend, so connecting again
 after a restart picks up a job that is still running or already finished.
+
+The backend keeps a finished job's result until the add-on releases it (or its TTL, 24 h by default,
+runs out). The add-on releases it only once the result is on disk: a generated shot when its PNG
+files are written, a reconstruction (which lives in the scene) when the .blend is next saved. A result
+that could not be applied (say, the output folder is not writable) is kept there: fix the problem and
+press Connect to fetch it again.
 """
 
 
@@ -14,6 +20,8 @@ import bpy
 from ..core import errors, protocol_client
 
 REMOTE_KINDS = ("reconstruct", "generate")
+KEEP_UNTIL_SAVED = ("reconstruct",)  # results that live in the scene: on disk once the .blend is saved
+NOT_APPLIED = "result not applied"  # job_stage of a finished job whose result could not be applied
 HELLO_TIMEOUT_S = 3.0
 TIMER_BUSY_S = 0.2
 TIMER_IDLE_S = 1.0
@@ -30,6 +38,8 @@ class Runtime:
         self.lost_reported = False
         self.result_handlers = {}  # kind -> fn(scene, Result) -> message
         self.inbox = []  # events received but not yet taken by their scene
+        self.unsaved = set()  # job ids applied to the scene, released at the next save of the .blend
+        self.to_release = set()  # job ids on disk whose release could not be sent yet
 
 
 RT = Runtime()
@@ -83,7 +93,9 @@ def connect(scene) -> dict:
     RT.lost_reported = False
     props.capabilities = capabilities_text(caps)
     props.backend_state = "connected"
-    if props.job_id and props.job_state == "running" and props.job_kind in REMOTE_KINDS:
+    send_releases()
+    if props.job_id and props.job_kind in REMOTE_KINDS and (
+            props.job_state == "running" or (props.job_state == "failed" and props.job_stage == NOT_APPLIED)):
         reattach(scene)
     ensure_timer()
     return caps
@@ -108,7 +120,7 @@ def reattach(scene) -> None:
     """Ask the backend for the scene's job: apply it if finished, follow it if still running."""
     props = scene.ex4d
     try:
-        result = RT.client.fetch(props.job_id, timeout_s=HELLO_TIMEOUT_S)
+        result = RT.client.fetch(props.job_id, timeout_s=HELLO_TIMEOUT_S, release=False)  # released once on disk
     except errors.ConnectionLost as e:  # no answer yet: the job may still be fine, keep it
         props.job_stage = "waiting for the backend"
         post("WARNING", f"could not ask the backend about the {props.job_kind} job yet ({e}); press Connect again")
@@ -117,7 +129,8 @@ def reattach(scene) -> None:
         _job_failed(props, e)
         return
     if result is None:
-        props.job_stage = props.job_stage or "running"
+        props.job_state = "running"
+        props.job_stage = "running" if props.job_stage in ("", NOT_APPLIED) else props.job_stage
         post("INFO", f"following the running {props.job_kind} job")
     else:
         _job_done(scene, result)
@@ -182,25 +195,65 @@ def cancel(scene) -> None:
 def _job_done(scene, result) -> None:
     props = scene.ex4d
     handler = RT.result_handlers.get(props.job_kind)
+    remote = props.job_kind in REMOTE_KINDS and bool(getattr(result, "job_id", None))
     try:
         msg = handler(scene, result) if handler else f"{props.job_kind} finished"
-    except errors.Ex4dError as e:
-        _job_failed(props, e)
-        return
-    except Exception as e:  # a bug: the console gets the traceback, the artist a one-line report
-        import traceback
+    except Exception as e:
+        if not isinstance(e, errors.Ex4dError):  # a bug: the console gets the traceback, the artist a one-line report
+            import traceback
 
-        traceback.print_exc()
-        _job_failed(props, f"{type(e).__name__}: {e} (a bug in the add-on; the console has details)")
+            traceback.print_exc()
+            e = f"{type(e).__name__}: {e} (a bug in the add-on; the console has details)"
+        _job_failed(props, e)
+        if remote:  # not released: the backend still has it
+            props.job_stage = NOT_APPLIED
+            props.job_message += "; the result stays on the backend: fix this and press Connect to fetch it again"
         return
     props.job_state, props.job_stage, props.job_message = "done", "done", msg
     props.job_step = props.job_total
+    if remote:
+        if props.job_kind in KEEP_UNTIL_SAVED:
+            RT.unsaved.add(result.job_id)
+        else:
+            release(result.job_id)
     post("INFO", msg)
+
+
+def release(job_id: str) -> None:
+    """Let the backend delete a result the add-on has on disk (sent now, or at the next Connect)."""
+    RT.to_release.add(job_id)
+    send_releases()
+
+
+def send_releases() -> None:
+    if RT.client is None:
+        return
+    for job_id in sorted(RT.to_release):
+        try:
+            RT.client.release(job_id)
+        except errors.Ex4dError:  # no connection right now: try again at the next Connect
+            return
+        RT.to_release.discard(job_id)
+
+
+@bpy.app.handlers.persistent
+def on_save_post(*_args) -> None:
+    """The .blend holds the reconstructions applied since the last save: the backend may drop them."""
+    for job_id in sorted(RT.unsaved):
+        RT.to_release.add(job_id)
+    RT.unsaved.clear()
+    send_releases()
+
+
+@bpy.app.handlers.persistent
+def on_load_post(*_args) -> None:
+    """Another file: the reconstructions of the one left unsaved are not on disk; the backend keeps them."""
+    RT.unsaved.clear()
 
 
 def _job_failed(props, e) -> None:
     cancelled = isinstance(e, errors.Cancelled) or getattr(e, "code", "") == "cancelled"
-    props.job_state = "cancelled" if cancelled else "failed"
+    props.job_state = props.job_stage = "cancelled" if cancelled else "failed"
     props.job_message = f"{props.job_kind} cancelled" if cancelled else f"{props.job_kind} failed: {e}"
     post("WARNING" if cancelled else "ERROR", props.job_message)
 
@@ -328,10 +381,17 @@ def ensure_timer() -> None:
 
 
 def register():
-    pass
+    if on_save_post not in bpy.app.handlers.save_post:
+        bpy.app.handlers.save_post.append(on_save_post)
+    if on_load_post not in bpy.app.handlers.load_post:
+        bpy.app.handlers.load_post.append(on_load_post)
 
 
 def unregister():
+    if on_save_post in bpy.app.handlers.save_post:
+        bpy.app.handlers.save_post.remove(on_save_post)
+    if on_load_post in bpy.app.handlers.load_post:
+        bpy.app.handlers.load_post.remove(on_load_post)
     if bpy.app.timers.is_registered(timer_step):
         bpy.app.timers.unregister(timer_step)
     if RT.local is not None:

@@ -247,6 +247,26 @@ def submit_generate(scene) -> str:
     return jobs.submit(scene, "generate", params, arrays)
 
 
+def _sync_to_disk(paths, folder: str) -> None:
+    """fsync the files and their folder (the backend deletes its copy once told)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def apply_generate(scene, result) -> str:
     """Write the generated frames as a PNG sequence (lossless; Blender plays it as an image strip)."""
     props = scene.ex4d
@@ -254,9 +274,14 @@ def apply_generate(scene, result) -> str:
     if frames is None:
         raise errors.ProtocolError("the backend's generate result has no 'frames'")
     out = os.path.join(os.path.dirname(props.guides_dir.rstrip(os.sep)) or shot_dir(props, props.guides_camera), "shot")
-    os.makedirs(out, exist_ok=True)
-    for t, rgb in enumerate(np.asarray(frames, dtype=np.uint8)):
-        video.save_png_rgb(os.path.join(out, f"shot_{t + 1:04d}.png"), rgb)
+    try:  # the backend keeps the result until these files are on disk (then jobs.release)
+        os.makedirs(out, exist_ok=True)
+        paths = [os.path.join(out, f"shot_{t + 1:04d}.png") for t in range(len(frames))]
+        for path, rgb in zip(paths, np.asarray(frames, dtype=np.uint8)):
+            video.save_png_rgb(path, rgb)
+        _sync_to_disk(paths, out)
+    except (OSError, RuntimeError) as e:  # RuntimeError: Blender's image save
+        raise errors.Ex4dError(f"could not write the generated frames to {out}: {e}") from None
     props.result_dir = out
     return f"generated {len(frames)} frames into {out}"
 

@@ -42,6 +42,7 @@ def step(name):
 
 mod, install_s = harness.install(ZIP)
 R["install_s"] = install_s
+R["blender_version"] = bpy.app.version_string
 R["operators"] = sorted(dir(bpy.ops.ex4d))
 R["descriptions"] = {n: getattr(bpy.ops.ex4d, n).get_rna_type().description for n in R["operators"]}
 R["labels"] = {n: getattr(bpy.ops.ex4d, n).get_rna_type().name for n in R["operators"]}
@@ -80,6 +81,24 @@ def capture(kind):
 
 
 jobs.RT.result_handlers.update(reconstruct=capture("reconstruct"), generate=capture("generate"))
+
+
+def backend_job_state(job_id, wait_for=None, timeout_s=3.0):
+    """The job's state as the backend reports it to another client ("unknown_job" once released); with
+    ``wait_for``, keep asking (pumping the add-on) until it is that state or the timeout."""
+    Client = core.protocol_client().Client
+    t0 = time.perf_counter()
+    with Client(ADDRESS, timeout_s=3.0) as c:
+        while True:
+            try:
+                state = c.status(job_id, timeout_s=3.0).get("state")
+            except core.errors.Ex4dError as e:
+                state = getattr(e, "code", type(e).__name__)
+            if wait_for is None or state == wait_for or time.perf_counter() - t0 > timeout_s:
+                return state
+            jobs.poll_once(bpy.context.scene)
+            time.sleep(0.1)
+
 
 
 @step("connect_dead_backend")
@@ -133,7 +152,13 @@ def _():
         errs.append(float(np.abs(pos - r.arrays["vertices"][t]).max()))
     words = dwmesh.auto_words(me)
     fv = core.validity.unpack(words, props.num_frames)
-    return {"result": sorted(res), "state": props.job_state, "message": props.job_message, "took_s": took,
+    # the result lives in the scene until the .blend is saved: the backend keeps it till then
+    job = props.job_id
+    kept_before_save = backend_job_state(job)
+    bpy.ops.wm.save_as_mainfile(filepath=os.path.join(OUT, "after_reconstruct.blend"), copy=True)
+    after_save = backend_job_state(job, wait_for="unknown_job")
+    return {"kept_before_save": kept_before_save, "after_save": after_save,
+            "result": sorted(res), "state": props.job_state, "message": props.job_message, "took_s": took,
             "V": V, "F": F, "mesh_vertices": len(me.vertices), "mesh_faces": len(me.polygons),
             "uv_err": float(np.abs(uv.reshape(-1, 2) - uv_expected).max()), "pos_err_per_frame": errs,
             "validity_equal": bool((fv == r.arrays["face_valid"]).all()),
@@ -252,7 +277,8 @@ def _():
 
     took = harness.pump(scene, until, 300)
     frames = captured["generate"].arrays["frames"]
-    return {"result": sorted(res), "state": props.job_state, "message": props.job_message, "took_s": took,
+    released = backend_job_state(props.job_id, wait_for="unknown_job")  # the PNGs are on disk: released
+    return {"released": released, "result": sorted(res), "state": props.job_state, "message": props.job_message, "took_s": took,
             "progress_seen": sorted(map(list, seen)), "frames_shape": list(frames.shape), "result_dir": props.result_dir,
             "files": sorted(os.listdir(props.result_dir))}
 
@@ -265,6 +291,33 @@ def _():
     return {"result": sorted(res), "strips": [
         {"name": s.name, "type": s.type, "channel": s.channel, "start": s.frame_final_start, "end": s.frame_final_end}
         for s in coll], "scene_range": [scene.frame_start, scene.frame_end]}
+
+
+@step("result_kept_until_written")
+def _():
+    """A result that cannot be written stays on the backend; Connect fetches it again once fixed."""
+    import shutil
+
+    shot = props.result_dir
+    aside = shot + "_aside"
+    shutil.move(shot, aside)
+    open(shot, "w").close()  # a file where the shot folder goes: writing the PNGs fails
+    try:
+        res = bpy.ops.ex4d.generate()
+        harness.pump(scene, lambda: props.job_state != "running", 300)
+        job = props.job_id
+        out = {"result": sorted(res), "state_failed": props.job_state, "message_failed": props.job_message,
+               "backend_after_failure": backend_job_state(job)}
+    finally:
+        os.remove(shot)
+        shutil.move(aside, shot)
+    jobs.take_messages()
+    res = bpy.ops.ex4d.connect()
+    harness.pump(scene, lambda: props.job_state != "running", 60)
+    out.update(reconnect=sorted(res), state=props.job_state, message=props.job_message,
+               files=len([f for f in os.listdir(shot) if f.startswith("shot_")]),
+               backend_after_write=backend_job_state(job, wait_for="unknown_job"))
+    return out
 
 
 @step("cancel_remote")
