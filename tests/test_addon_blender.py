@@ -47,13 +47,46 @@ def ok(run, name) -> dict:
     return s
 
 
+STEPS = ("connect", "import_video", "reconstruct", "camera_preset", "render_guides", "generate", "cancel",
+         "send_to_timeline", "export_camera", "import_camera")
+
+
 def test_installs_from_zip_with_every_operator(run):
+    print(f"Blender {run['blender_version']}")
+    major_minor = tuple(int(x) for x in run["blender_version"].split()[0].split(".")[:2])
+    assert major_minor >= (4, 2)  # the manifest's blender_version_min
     for op in ("connect", "import_video", "reconstruct", "camera_preset", "render_guides", "generate", "cancel",
                "send_to_timeline", "export_camera", "import_camera"):
         assert op in run["operators"]
         assert run["labels"][op].startswith("EX-4D: ") and len(run["descriptions"][op]) > 20  # F3 search
     assert run["panels"] == ["Backend", "Camera", "Guides and Generation", "Shot"]
     assert run["missing_icons"] == []
+
+
+def _ops(log) -> set:
+    return {x[1].split(".")[1] for x in log if x[0] in ("operator", "operator_menu_enum")}
+
+
+def test_sidebar_tab_draws_every_step(run):
+    """The panels' draw() on this Blender version (a fake layout checks each operator, property and icon)."""
+    idle, busy = ok(run, "ui_idle"), ok(run, "generate")["ui_busy"]
+    shot = ok(run, "send_to_timeline")["ui_with_shot"]
+    for ui in (idle, busy, shot):
+        assert ui["problems"] == []
+    on_panels = set().union(*(_ops(log) for ui in (idle, busy, shot) for label, log in ui["panels"].items()
+                              if label != "EX-4D"))  # that one is the menu
+    assert set(STEPS) <= on_panels, set(STEPS) - on_panels
+    gen = busy["panels"]["Guides and Generation"]
+    assert any(x[0] == "progress" and "generate:" in x[2] for x in gen)  # a progress bar while it runs
+    assert "cancel" in _ops(gen)
+    assert "show_validity" in {x[1] for x in shot["panels"]["Shot"] if x[0] == "prop"}
+
+
+def test_every_step_is_in_a_menu_for_f3_search(run):
+    """F3 is a menu search: it finds operators that are in menus (Render > EX-4D), not panel buttons."""
+    ui = ok(run, "ui_idle")
+    assert ui["menu_in_parent"] and ["menu", "EX4D_MT_main", "None"] in ui["parent_entry"]
+    assert set(STEPS) <= _ops(ui["panels"]["EX-4D"])
 
 
 def test_disable_and_enable_again(run):
@@ -120,6 +153,9 @@ def test_presets_match_ex4d_camera_through_the_rig(run):
 def test_transforms_json_round_trip(run):
     s = ok(run, "transforms_round_trip")
     assert s["frames"] == 9 and s["c2w_err"] < 1e-6 and s["K_err"] < 1e-4
+    # a file written by the ex4d library, through Blender's keyframes and back (float32 in Blender)
+    assert s["lib_frames"] == [9, 9] and s["lib_size"] == [64, 48]
+    assert s["lib_c2w_err"] < 1e-6 and s["lib_K_err"] < 1e-4
 
 
 def test_guides_render_and_settings_restored(run):
@@ -150,11 +186,14 @@ def test_generate_with_progress(run):
 def test_send_to_timeline(run):
     s = ok(run, "send_to_timeline")
     strips = {x["name"]: x for x in s["strips"]}
-    shot = [x for x in s["strips"] if x["type"] == "IMAGE" and "guide" not in x["name"]]
-    assert len(shot) == 1 and shot[0]["start"] == 1 and shot[0]["end"] == 10  # frames 1..9, end exclusive
-    assert len({x["channel"] for x in s["strips"]}) == len(s["strips"]) == 3, strips
-    for x in s["strips"]:
-        assert (x["start"], x["end"]) == (1, 10)
+    name = f"{s['shot']} {s['camera']}"  # named after shot and camera
+    assert set(strips) == {name, f"{name} guide", f"{s['shot']} source"}, strips
+    assert strips[name]["type"] == "IMAGE" and strips[f"{s['shot']} source"]["type"] == "MOVIE"
+    channels = [x["channel"] for x in s["strips"]]
+    assert len(set(channels)) == 3 and s["blocker_channel"] not in channels, (channels, s["blocker_channel"])
+    assert strips[name]["channel"] == 1  # the lowest free channel; guide and source above it
+    for x in s["strips"]:  # the scene's frame range (set by Import Video), end exclusive
+        assert (x["start"], x["end"]) == (s["scene_range"][0], s["scene_range"][1] + 1) == (1, 10)
 
 
 def test_cancel_remote_and_local(run):

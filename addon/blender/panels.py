@@ -114,14 +114,47 @@ class EX4D_PT_generate(_Panel, bpy.types.Panel):
         row.operator("ex4d.send_to_timeline", icon="SEQUENCE")
 
 
-CLASSES = (EX4D_PT_backend, EX4D_PT_shot, EX4D_PT_camera, EX4D_PT_generate)
+class EX4D_MT_main(bpy.types.Menu):
+    """Every step as a menu entry (Render > EX-4D): F3 is a *menu* search, it finds only operators in menus."""
+
+    bl_label = "EX-4D"
+    bl_idname = "EX4D_MT_main"
+
+    def draw(self, context):
+        layout = self.layout
+        layout.operator("ex4d.connect", text="Connect to Backend", icon="LINKED")
+        layout.operator("ex4d.disconnect", text="Disconnect", icon="UNLINKED")
+        layout.separator()
+        layout.operator("ex4d.import_video", text="Import Video...", icon="FILE_MOVIE")
+        layout.operator("ex4d.reconstruct", text="Reconstruct", icon="MESH_GRID")
+        layout.separator()
+        layout.operator_menu_enum("ex4d.camera_preset", "preset", text="Key Camera Move", icon="CAMERA_DATA")
+        layout.operator("ex4d.import_camera", text="Import Camera Path...", icon="IMPORT")
+        layout.operator("ex4d.export_camera", text="Export Camera Path...", icon="EXPORT")
+        layout.separator()
+        layout.operator("ex4d.render_guides", text="Render Guides", icon="RENDER_ANIMATION")
+        layout.operator("ex4d.generate", text="Generate", icon="PLAY")
+        layout.operator("ex4d.cancel", text="Cancel Job", icon="CANCEL")
+        layout.operator("ex4d.send_to_timeline", text="Send to Timeline", icon="SEQUENCE")
+
+
+def menu_func(self, context):
+    self.layout.separator()
+    self.layout.menu(EX4D_MT_main.bl_idname)
+
+
+MENU_PARENT = "TOPBAR_MT_render"  # Render > EX-4D: reachable from every editor, and by F3
+
+CLASSES = (EX4D_PT_backend, EX4D_PT_shot, EX4D_PT_camera, EX4D_PT_generate, EX4D_MT_main)
 
 
 def register():
     for c in CLASSES:
         bpy.utils.register_class(c)
+    getattr(bpy.types, MENU_PARENT).append(menu_func)
 
 
 def unregister():
+    getattr(bpy.types, MENU_PARENT).remove(menu_func)
     for c in reversed(CLASSES):
         bpy.utils.unregister_class(c)

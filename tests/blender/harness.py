@@ -51,3 +51,74 @@ def pump(scene, until, timeout_s: float = 60.0, sleep_s: float = 0.05):
             return time.perf_counter() - t0
         time.sleep(sleep_s)
     raise TimeoutError(f"gave up after {timeout_s} s (job state {scene.ex4d.job_state!r}, {scene.ex4d.job_message!r})")
+
+
+class FakeLayout:
+    """Stands in for bpy.types.UILayout (the bpy module draws no UI) to run panel and menu ``draw``
+    functions: records every button and checks that each operator, property and icon exists."""
+
+    def __init__(self, log=None, problems=None):
+        self.log = [] if log is None else log
+        self.problems = [] if problems is None else problems
+        self.enabled = self.active = True
+        self.alert = False
+
+    def _icon(self, icon):
+        icons = bpy.types.UILayout.bl_rna.functions["operator"].parameters["icon"].enum_items.keys()
+        if icon and icon not in icons:
+            self.problems.append(f"unknown icon {icon}")
+
+    def _child(self, *a, **k):
+        return FakeLayout(self.log, self.problems)
+
+    row = column = box = split = _child
+
+    def operator(self, idname, text=None, icon="NONE", **k):
+        self._icon(icon)
+        cat, name = idname.split(".")
+        if name not in dir(getattr(bpy.ops, cat)):
+            self.problems.append(f"unknown operator {idname}")
+        self.log.append(("operator", idname, text))
+        return type("OpProps", (), {})()
+
+    def operator_menu_enum(self, idname, prop, text=None, icon="NONE", **k):
+        self._icon(icon)
+        op = getattr(getattr(bpy.ops, idname.split(".")[0]), idname.split(".")[1])
+        if prop not in op.get_rna_type().properties:
+            self.problems.append(f"{idname} has no property {prop}")
+        self.log.append(("operator_menu_enum", idname, prop))
+
+    def prop(self, data, name, text=None, icon="NONE", **k):
+        self._icon(icon)
+        if name not in data.bl_rna.properties:
+            self.problems.append(f"{type(data).__name__} has no property {name}")
+        self.log.append(("prop", name, text))
+
+    def label(self, text="", icon="NONE", **k):
+        self._icon(icon)
+        self.log.append(("label", text, icon))
+
+    def menu(self, idname, text=None, icon="NONE", **k):
+        self._icon(icon)
+        if not hasattr(bpy.types, idname):
+            self.problems.append(f"unknown menu {idname}")
+        self.log.append(("menu", idname, text))
+
+    def progress(self, factor=0.0, type="BAR", text=""):
+        self.log.append(("progress", factor, text))
+
+    def separator(self, *a, **k):
+        pass
+
+
+if "progress" not in bpy.types.UILayout.bl_rna.functions:  # as the real one (Blender 4.0+ has it)
+    del FakeLayout.progress
+
+
+def draw_ui(cls, context=None):
+    """Run ``cls.draw`` (a Panel or Menu class, or a draw function) on a FakeLayout; (log, problems)."""
+    fake = FakeLayout()
+    owner = type("Owner", (), {"layout": fake})()
+    fn = cls.draw if isinstance(cls, type) else cls
+    fn(owner, context or bpy.context)
+    return fake.log, fake.problems

@@ -100,6 +100,26 @@ def backend_job_state(job_id, wait_for=None, timeout_s=3.0):
             time.sleep(0.1)
 
 
+def ui_snapshot():
+    """Draw every EX-4D panel and the Render > EX-4D menu on a fake layout (the bpy module draws no UI)."""
+    panels = harness.sub("blender.panels")
+    out = {"panels": {}, "problems": []}
+    for cls in panels.CLASSES:
+        log, problems = harness.draw_ui(cls)
+        out["panels"][cls.bl_label] = [list(map(str, x)) for x in log]
+        out["problems"] += [f"{cls.bl_label}: {p}" for p in problems]
+    parent = getattr(bpy.types, panels.MENU_PARENT)
+    out["menu_in_parent"] = panels.menu_func in getattr(parent.draw, "_draw_funcs", [])
+    log, problems = harness.draw_ui(panels.menu_func)
+    out["parent_entry"] = [list(map(str, x)) for x in log]
+    out["problems"] += problems
+    return out
+
+
+@step("ui_idle")
+def _():
+    return ui_snapshot()
+
 
 @step("connect_dead_backend")
 def _():
@@ -203,9 +223,18 @@ def _():
     imported = scene.camera
     bpy.ops.ex4d.export_camera(filepath=b)
     pa, pb = camera.read_transforms(a), camera.read_transforms(b)
+    # a path written by the ex4d library (as `ex4d recon/run --camera` read it) -> Blender -> file
+    c, d = os.path.join(OUT, "cameras_lib.json"), os.path.join(OUT, "cameras_lib_back.json")
+    lib = bcams.preset(props, "orbit_right", 25.0, 0.0)
+    camera.write_transforms(lib, c)
+    bpy.ops.ex4d.import_camera(filepath=c)
+    bpy.ops.ex4d.export_camera(filepath=d)
+    pc, pd = camera.read_transforms(c), camera.read_transforms(d)
     scene.camera = cam
     return {"result": sorted(res), "imported": imported.name, "c2w_err": float(np.abs(pa.c2w - pb.c2w).max()),
-            "K_err": float(np.abs(pa.K - pb.K).max()), "frames": len(pa)}
+            "K_err": float(np.abs(pa.K - pb.K).max()), "frames": len(pa),
+            "lib_c2w_err": float(np.abs(pc.c2w - pd.c2w).max()), "lib_K_err": float(np.abs(pc.K - pd.K).max()),
+            "lib_frames": [len(pc), len(pd)], "lib_size": [pd.width, pd.height]}
 
 
 @step("render_guides")
@@ -270,27 +299,37 @@ def _():
 def _():
     res = bpy.ops.ex4d.generate()
     seen = set()
+    ui = {}
 
     def until():
         seen.add((props.job_stage, props.job_step))
+        if props.job_state == "running" and props.job_total and "busy" not in ui:
+            ui["busy"] = ui_snapshot()  # progress bar and Cancel while it runs
         return props.job_state != "running"
 
     took = harness.pump(scene, until, 300)
     frames = captured["generate"].arrays["frames"]
     released = backend_job_state(props.job_id, wait_for="unknown_job")  # the PNGs are on disk: released
-    return {"released": released, "result": sorted(res), "state": props.job_state, "message": props.job_message, "took_s": took,
+    return {"ui_busy": ui.get("busy"), "released": released, "result": sorted(res), "state": props.job_state, "message": props.job_message, "took_s": took,
             "progress_seen": sorted(map(list, seen)), "frames_shape": list(frames.shape), "result_dir": props.result_dir,
             "files": sorted(os.listdir(props.result_dir))}
 
 
 @step("send_to_timeline")
 def _():
-    res = bpy.ops.ex4d.send_to_timeline(with_guides=True, with_source=True)
-    se = scene.sequence_editor
+    se = scene.sequence_editor_create()
     coll = se.strips if hasattr(se, "strips") else se.sequences
-    return {"result": sorted(res), "strips": [
+    # the artist's own strip on channel 2 over the shot's frames: the shot must go around it
+    blocker = coll.new_image("artist strip", os.path.join(props.guides_dir, "mask_0001.png"), 2, scene.frame_start)
+    blocker.frame_final_duration = props.num_frames + 4
+    res = bpy.ops.ex4d.send_to_timeline(with_guides=True, with_source=True)
+    out = {"result": sorted(res), "strips": [
         {"name": s.name, "type": s.type, "channel": s.channel, "start": s.frame_final_start, "end": s.frame_final_end}
-        for s in coll], "scene_range": [scene.frame_start, scene.frame_end]}
+        for s in coll if s != blocker], "scene_range": [scene.frame_start, scene.frame_end],
+        "blocker_channel": blocker.channel, "shot": props.shot_name, "camera": props.guides_camera}
+    coll.remove(blocker)
+    out["ui_with_shot"] = ui_snapshot()
+    return out
 
 
 @step("result_kept_until_written")
