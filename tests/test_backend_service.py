@@ -329,3 +329,38 @@ def test_client_run_writes_guides_and_shot(service, tmp_path):
     assert "denoise" in r.stderr  # the progress bar
     with np.load(out / "render_orbit_left.npz") as z:
         assert z["color"].shape == (T, H, W, 3) and z["mask"].dtype == bool
+
+
+def test_nowait_calls_answer_through_poll(service):
+    """hello/submit/fetch without waiting (the Blender add-on's way): every answer comes through poll()."""
+    frames, depth = make_inputs()
+
+    def until(c, match, timeout_s=60.0):
+        seen, deadline = [], time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for ev in c.poll(100):
+                seen.append(ev)
+                if match(ev):
+                    return ev, seen
+        raise AssertionError(f"no matching event; saw {[e.type for e in seen]}")
+
+    with Client(service.address, timeout_s=20) as c:
+        t = time.monotonic()
+        c.hello_nowait()
+        assert time.monotonic() - t < 0.5 and c.capabilities is None
+        ev, _ = until(c, lambda e: e.type == "capabilities")
+        assert c.capabilities and c.capabilities["generator"] == ev.header["generator"]
+        job = c.submit_nowait("reconstruct", {"K": [[FOCAL, 0, W / 2], [0, FOCAL, H / 2], [0, 0, 1]]},
+                              {"frames": frames, "depth": depth})
+        assert c.submit_timeout_s({"frames": frames}) > c.timeout_s
+        ev, seen = until(c, lambda e: e.job_id == job and e.type in ("result", "error"))
+        assert [e.type for e in seen if e.job_id == job][0] == "accepted" and ev.type == "result"
+        c.fetch_nowait(job)  # a finished job: its result again, nothing released
+        ev, _ = until(c, lambda e: e.job_id == job and e.type in ("result", "error"))
+        assert ev.type == "result" and ev.arrays["vertices"].shape[0] == T
+        bad = c.submit_nowait("generate", {}, {"color": np.zeros((T, H, W, 3), np.uint8)})  # no mask
+        ev, _ = until(c, lambda e: e.job_id == bad and e.type in ("accepted", "busy", "error"))
+        assert ev.type == "error" and isinstance(Client.submit_error(ev), InputError)
+        c.fetch_nowait("0" * 32)
+        ev, _ = until(c, lambda e: e.job_id == "0" * 32)
+        assert ev.type == "error" and ev.header["code"] == "unknown_job"

@@ -8,7 +8,9 @@
         frames = result.arrays["frames"]
 
 Everything is non-blocking underneath: :meth:`poll` returns whatever has arrived (for Blender's timer),
-:meth:`wait` loops on it. A client object must be used from one thread (ZeroMQ sockets are not
+:meth:`wait` loops on it. :meth:`hello`, :meth:`submit` and :meth:`fetch` wait for their answer;
+:meth:`hello_nowait`, :meth:`submit_nowait` and :meth:`fetch_nowait` only send, and the answer comes
+through :meth:`poll` (what a UI that must never freeze uses). A client object must be used from one thread (ZeroMQ sockets are not
 thread-safe). Heartbeats: every call that touches the socket sends one when due; :meth:`alive` is
 True while the backend was heard from within ``heartbeat_timeout_s``.
 
@@ -206,6 +208,8 @@ class Client:
                     continue
                 if msg.type == "status" and msg.header.get("released"):
                     continue  # the answer to a fire-and-forget release
+                if msg.type == "capabilities":
+                    self._set_capabilities(msg.header)
                 self._events.append(Event(msg.type, msg.job, msg.header, msg.arrays))
         if n and self._was_lost:
             # The backend is back (maybe restarted): ask for the jobs we wait on, so their owner is us again.
@@ -243,32 +247,58 @@ class Client:
 
     def hello(self, timeout_s: float | None = None) -> dict:
         """The backend's capabilities: protocol version, generators, devices, gpus, limits, queue size."""
-        self._send("hello", client="ex4d-client")
+        self.hello_nowait()
         ev = self._request(lambda e: e.type in ("capabilities", "error") and e.job_id is None, timeout_s, "hello")
         if ev.type == "error":
             raise _error_for(ev.header.get("code", "error"), ev.header.get("message", ""), None)
-        self.capabilities = {k: v for k, v in ev.header.items() if k not in ("type", "job", "arrays")}
+        return self.capabilities
+
+    def hello_nowait(self) -> None:
+        """Send hello; the answer comes through :meth:`poll` as a ``capabilities`` event (also stored in
+        :attr:`capabilities`) or an ``error`` event without a job id."""
+        self._send("hello", client="ex4d-client")
+
+    def _set_capabilities(self, header: dict) -> None:
+        self.capabilities = {k: v for k, v in header.items() if k not in ("type", "job", "arrays")}
         if "limits" in self.capabilities:
             self.limits = Limits.from_dict(self.capabilities["limits"])
-        return self.capabilities
 
     def submit(self, kind: str, params: Mapping[str, Any] | None = None, arrays: Mapping[str, np.ndarray] | None = None,
                job_id: str | None = None) -> str:
         """Queue a job; returns its id once the backend accepted it. Raises BackendBusy when the queue is full."""
+        arrays = dict(arrays or {})
+        job_id = self.submit_nowait(kind, params, arrays, job_id)
+        try:
+            ev = self._request(lambda e: e.job_id == job_id and e.type in ("accepted", "busy", "error"),
+                               self.submit_timeout_s(arrays), f"submit {kind}")
+            if ev.type != "accepted":
+                raise self.submit_error(ev)
+        except BaseException:
+            self._watched.discard(job_id)
+            raise
+        return job_id
+
+    def submit_nowait(self, kind: str, params: Mapping[str, Any] | None = None,
+                      arrays: Mapping[str, np.ndarray] | None = None, job_id: str | None = None) -> str:
+        """Send a job and return its id at once; the answer comes through :meth:`poll`: ``accepted``, or
+        ``busy`` / ``error`` (turn those into an exception with :meth:`submit_error`). Expect it within
+        :meth:`submit_timeout_s`."""
         if kind not in JOB_KINDS:
             raise errors.InputError(f"unknown job kind '{kind}' (one of {', '.join(JOB_KINDS)})")
         job_id = check_job_id(job_id) if job_id else new_job_id()
-        arrays = dict(arrays or {})
-        nbytes = sum(np.asarray(a).nbytes for a in arrays.values())
-        self._send("submit", job_id, arrays, kind=kind, params=dict(params or {}))
-        # Large uploads over a slow link take a while before the answer can come.
-        ev = self._request(lambda e: e.job_id == job_id and e.type in ("accepted", "busy", "error"),
-                           self.timeout_s + nbytes / 20e6, f"submit {kind}")
-        if ev.type != "accepted":
-            raise _error_for("busy" if ev.type == "busy" else ev.header.get("code", "error"),
-                             ev.header.get("message", "the backend's queue is full; try again later"), job_id)
+        self._send("submit", job_id, dict(arrays or {}), kind=kind, params=dict(params or {}))
         self._watched.add(job_id)
         return job_id
+
+    def submit_timeout_s(self, arrays: Mapping[str, np.ndarray] | None = None) -> float:
+        """How long the answer to a submit may take: large uploads over a slow link take a while."""
+        return self.timeout_s + sum(np.asarray(a).nbytes for a in (arrays or {}).values()) / 20e6
+
+    @staticmethod
+    def submit_error(ev: Event) -> errors.Ex4dError:
+        """The exception for a ``busy`` or ``error`` answer to a submit."""
+        return _error_for("busy" if ev.type == "busy" else ev.header.get("code", "error"),
+                          ev.header.get("message", "the backend's queue is full; try again later"), ev.job_id)
 
     def poll(self, timeout_ms: float = 0) -> list[Event]:
         """Every event that has arrived (non-blocking by default); sends a heartbeat when due."""
@@ -328,8 +358,7 @@ class Client:
         """The result of a job submitted earlier (by any client): None while it is queued or running (its
         progress and result now come to this client too), raises the job's error if it failed, RemoteError(unknown_job) if
         the backend does not know it."""
-        job_id = check_job_id(job_id)
-        self._send("fetch", job_id)
+        job_id = self.fetch_nowait(job_id)
         ev = self._request(lambda e: e.job_id == job_id and e.type in ("result", "status", "error"), timeout_s, "fetch")
         if ev.type == "result":
             if release:
@@ -339,6 +368,14 @@ class Client:
             raise _error_for(ev.header.get("code", ERR_UNKNOWN_JOB), ev.header.get("message", ""), job_id)
         self._watched.add(job_id)
         return None
+
+    def fetch_nowait(self, job_id: str) -> str:
+        """Ask for a job without waiting: a ``result``, a ``status`` (still queued or running: its progress
+        and result now come here too) or an ``error`` (failed, cancelled, unknown_job) arrives through
+        :meth:`poll`. Nothing is released."""
+        job_id = check_job_id(job_id)
+        self._send("fetch", job_id)
+        return job_id
 
     def release(self, job_id: str) -> None:
         """Tell the backend it may delete the stored result of a finished job (no answer is awaited)."""
