@@ -94,17 +94,27 @@ def test_disable_and_enable_again(run):
     assert s["gone_when_disabled"] and s["back"]
 
 
-def test_dead_backend_is_reported_quickly(run):
+def test_dead_backend_is_reported_quickly_without_blocking(run):
     s = ok(run, "connect_dead_backend")
-    assert s["result"] == ["CANCELLED"]
-    assert s["took_s"] < 10
-    assert "no answer from the backend" in s["message"]
+    assert s["result"] == ["FINISHED"] and s["op_s"] < 0.5 and s["state_during"].startswith("connecting")
+    assert 2.5 < s["took_s"] < 10 and s["state"] == "not connected"
+    assert any(level == "ERROR" and "no answer from the backend" in text for level, text in s["messages"])
+    assert s["result_wait"] == ["CANCELLED"] and "no answer from the backend" in s["message_wait"]  # scripts
+    assert s["took_wait_s"] < 10
 
 
 def test_connect_shows_capabilities(run):
     s = ok(run, "connect")
-    assert s["result"] == ["FINISHED"] and s["state"] == "connected"
+    assert s["result"] == ["FINISHED"] and s["op_s"] < 0.5 and s["state"] == "connected"
     assert "tiny" in s["capabilities"]
+
+
+def test_unanswered_submit_fails_without_blocking(run):
+    s = ok(run, "backend_frozen")
+    assert s["result"] == ["FINISHED"] and s["op_s"] < 1.0  # Generate only sends
+    assert s["state"] == "failed" and "no answer from the backend" in s["message"], s["message"]
+    assert 2.5 < s["failed_after_s"] < 15 and s["backend_state"].startswith("no heartbeat")
+    assert s["back_after_s"] < 10
 
 
 def test_import_video_reads_frames_in_blender(run):

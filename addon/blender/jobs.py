@@ -1,7 +1,9 @@
 """Long work without blocking the UI: backend jobs and the local guide render, driven by a timer.
 
 ``poll_once(scene)`` is the whole step: it advances the guide render by one frame, drains the client
-socket (progress, result, error), applies finished results to the scene and watches the heartbeat.
+socket (capabilities, accepted, progress, result, error), applies finished results to the scene and
+watches the heartbeat. Nothing waits on the backend: Connect, Generate and Reconstruct only send (the
+client's ``*_nowait`` calls) and their answers, or their time-outs, are handled here.
 ``bpy.app.timers`` calls it in Blender; the ``ex4d.watch_job`` modal operator calls it too (so Esc
 cancels and errors become reports); tests call it directly (the bpy module runs no event loop).
 The job id, kind and state live in ``scene.ex4d`` and are saved with the .blend, so connecting again
@@ -14,6 +16,8 @@ that could not be applied (say, the output folder is not writable) is kept there
 press Connect to fetch it again.
 """
 
+
+import time
 
 import bpy
 
@@ -39,6 +43,9 @@ class Runtime:
         self.result_handlers = {}  # kind -> fn(scene, Result) -> message
         self.inbox = []  # events received but not yet taken by their scene
         self.unsaved = set()  # job ids applied to the scene, released at the next save of the .blend
+        self.connecting = None  # (scene name, deadline) while the hello is unanswered
+        self.connect_error = ""
+        self.pending_submit = {}  # job id -> (deadline, seconds) for the backend's "accepted"
         self.to_release = set()  # job ids on disk whose release could not be sent yet
 
 
@@ -76,35 +83,59 @@ def capabilities_text(caps: dict) -> str:
     return "; ".join(parts)
 
 
-def connect(scene) -> dict:
-    """Open a client, say hello (short timeout: a dead backend is reported, never waited on)."""
+def connect(scene, wait: bool = False) -> None:
+    """Open a client and send hello; the answer (or, after HELLO_TIMEOUT_S, the report that none came)
+    is handled by poll_once, so the UI never waits. ``wait``: for scripts, return once it is settled
+    (raises ConnectionLost when the backend did not answer)."""
     props = scene.ex4d
     disconnect(scene)
     Client = protocol_client().Client
     keys = bpy.path.abspath(props.keys_dir) if props.keys_dir else None
     client = Client(props.address, timeout_s=HELLO_TIMEOUT_S, server_key=keys, client_keys=keys)
     try:
-        caps = client.hello(timeout_s=HELLO_TIMEOUT_S)
+        client.hello_nowait()
     except BaseException:
         client.close()
         props.backend_state = "not connected"
         raise
     RT.client = client
     RT.lost_reported = False
+    RT.connecting, RT.connect_error = (scene.name, time.monotonic() + HELLO_TIMEOUT_S), ""
+    props.backend_state = f"connecting to {props.address}"
+    ensure_timer()
+    if wait:
+        while RT.connecting is not None:
+            poll_once(scene)
+            time.sleep(0.01)
+        if RT.client is None:
+            raise errors.ConnectionLost(RT.connect_error)
+
+
+def _connected(scene, caps: dict) -> None:
+    """The backend answered hello: show what it runs, send pending releases, pick up the scene's job."""
+    props = scene.ex4d
+    RT.connecting = None
     props.capabilities = capabilities_text(caps)
     props.backend_state = "connected"
+    post("INFO", f"connected: {props.capabilities}")
     send_releases()
     if props.job_id and props.job_kind in REMOTE_KINDS and (
             props.job_state == "running" or (props.job_state == "failed" and props.job_stage == NOT_APPLIED)):
         reattach(scene)
-    ensure_timer()
-    return caps
+
+
+def _connect_failed(scene, text: str) -> None:
+    RT.connecting, RT.connect_error = None, text
+    disconnect(scene)
+    post("ERROR", text)
 
 
 def disconnect(scene=None) -> None:
     if RT.client is not None:
         RT.client.close()
         RT.client = None
+    RT.connecting = None
+    RT.pending_submit.clear()
     if scene is not None:
         scene.ex4d.backend_state = "not connected"
         scene.ex4d.capabilities = ""
@@ -117,23 +148,15 @@ def require_client():
 
 
 def reattach(scene) -> None:
-    """Ask the backend for the scene's job: apply it if finished, follow it if still running."""
+    """Ask the backend for the scene's job (nothing released): its result, status (still running: its
+    progress comes here from now on) or error arrives through poll_once."""
     props = scene.ex4d
     try:
-        result = RT.client.fetch(props.job_id, timeout_s=HELLO_TIMEOUT_S, release=False)  # released once on disk
-    except errors.ConnectionLost as e:  # no answer yet: the job may still be fine, keep it
-        props.job_stage = "waiting for the backend"
-        post("WARNING", f"could not ask the backend about the {props.job_kind} job yet ({e}); press Connect again")
-        return
+        RT.client.fetch_nowait(props.job_id)
     except errors.Ex4dError as e:
-        _job_failed(props, e)
+        post("WARNING", f"could not ask the backend about the {props.job_kind} job ({e}); press Connect again")
         return
-    if result is None:
-        props.job_state = "running"
-        props.job_stage = "running" if props.job_stage in ("", NOT_APPLIED) else props.job_stage
-        post("INFO", f"following the running {props.job_kind} job")
-    else:
-        _job_done(scene, result)
+    props.job_state, props.job_stage = "running", "asking the backend"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,11 +174,22 @@ def _start(props, kind: str, job_id: str) -> None:
 
 
 def submit(scene, kind: str, params: dict, arrays: dict) -> str:
+    """Send the job and return at once; the backend's answer (accepted, busy, error) comes to poll_once,
+    which reports a missing one after the client's submit time-out (3 s + upload time)."""
     props = scene.ex4d
     if busy(props):
         raise errors.InputError(f"a {props.job_kind} job is still running: wait or cancel it first")
-    job_id = require_client().submit(kind, params, arrays)
+    client = require_client()
+    if RT.connecting is not None:
+        raise errors.ConnectionLost(f"still connecting to {props.address}: try again in a moment")
+    if RT.lost_reported:
+        raise errors.ConnectionLost(f"the backend at {props.address} is not answering (no heartbeat): restart "
+                                    "`ex4d serve` and press Connect")
+    job_id = client.submit_nowait(kind, params, arrays)
+    limit = client.submit_timeout_s(arrays)
+    RT.pending_submit[job_id] = (time.monotonic() + limit, limit)
     _start(props, kind, job_id)
+    props.job_stage = "sending"
     ensure_timer()
     return job_id
 
@@ -282,25 +316,63 @@ def poll_once(scene) -> None:
     except errors.Ex4dError as e:
         post("ERROR", str(e))
         return
-    ErrorFor = protocol_client()._error_for
+    pc = protocol_client()
     keep = []
     for ev in RT.inbox:
+        if ev.type == "capabilities":
+            target = bpy.data.scenes.get(RT.connecting[0]) if RT.connecting else None
+            if target is not None and target != scene:
+                keep.append(ev)
+            else:
+                _connected(target or scene, client.capabilities or {})
+            continue
         if ev.type == "error" and ev.job_id is None:
+            if RT.connecting is not None:  # e.g. a refused protocol version
+                _connect_failed(scene, f"the backend at {props.address} refused the connection: "
+                                       f"{ev.header.get('message', 'error')}")
+                return
             post("ERROR", ev.header.get("message", "backend error"))
             continue
         if not ev.job_id or ev.job_id != props.job_id or not busy(props):
             if ev.job_id and ev.type in ("result", "error") and _owned_elsewhere(ev.job_id, scene):
                 keep.append(ev)  # another scene's job: its own poll takes it
             continue
-        if ev.type == "progress":
+        RT.pending_submit.pop(ev.job_id, None)  # any answer: the backend has the job
+        if ev.type == "accepted":
+            props.job_stage = "queued" if ev.header.get("position") else "starting"
+        elif ev.type == "progress":
             props.job_stage = str(ev.stage or "")
             props.job_step, props.job_total = int(ev.step or 0), int(ev.total or 0)
+        elif ev.type == "status" and ev.header.get("state") in ("queued", "running"):  # the answer to reattach
+            if props.job_stage == "asking the backend":
+                post("INFO", f"following the {ev.header['state']} {props.job_kind} job")
+            props.job_stage = str(ev.header.get("stage") or ev.header["state"])
+            props.job_step, props.job_total = int(ev.header.get("step") or 0), int(ev.header.get("total") or 0)
         elif ev.type == "result":
-            Result = protocol_client().Result
-            _job_done(scene, Result(dict(ev.header.get("params") or {}), ev.arrays, ev.job_id))
+            _job_done(scene, pc.Result(dict(ev.header.get("params") or {}), ev.arrays, ev.job_id))
+        elif ev.type == "busy":
+            _job_failed(props, pc.Client.submit_error(ev))
         elif ev.type == "error":
-            _job_failed(props, ErrorFor(ev.header.get("code", "error"), ev.header.get("message", ""), ev.job_id))
+            _job_failed(props, pc.error_for(ev.header.get("code", "error"), ev.header.get("message", ""), ev.job_id))
     RT.inbox = keep
+    now = time.monotonic()
+    if RT.connecting is not None:
+        if now > RT.connecting[1] and bpy.data.scenes.get(RT.connecting[0]) in (None, scene):
+            _connect_failed(scene, f"no answer from the backend at {props.address} within {HELLO_TIMEOUT_S:.0f} s: "
+                                   "is `ex4d serve` running there (and do the keys match)?")
+        return  # no heartbeat to judge yet
+    for job_id, (deadline, limit) in list(RT.pending_submit.items()):
+        if job_id != props.job_id or not busy(props):
+            continue
+        if now > deadline:
+            del RT.pending_submit[job_id]
+            try:  # should it arrive after all, it is not wanted any more
+                client.cancel(job_id)
+            except errors.Ex4dError:
+                pass
+            _job_failed(props, errors.ConnectionLost(
+                f"no answer from the backend at {props.address} to the {props.job_kind} job within {limit:.0f} s: "
+                "is `ex4d serve` running there?"))
     alive = client.alive()
     if not alive:
         props.backend_state = f"no heartbeat from {props.address}"

@@ -30,14 +30,25 @@ def _start_watch(context) -> None:
 class EX4D_OT_connect(bpy.types.Operator):
     bl_idname = "ex4d.connect"
     bl_label = "EX-4D: Connect to Backend"
-    bl_description = "Connect to the EX-4D backend at the address above and show what it can do"
+    bl_description = ("Connect to the EX-4D backend at the address above and show what it can do "
+                      "(picks up the scene's job, running or finished)")
+
+    wait: BoolProperty(name="Wait", default=False, options={"SKIP_SAVE"},
+                       description="For scripts: return only once the backend answered (at most 3 s)")
 
     def execute(self, context):
-        ok, caps = _run(self, jobs.connect, context.scene)
+        ok, _ = _run(self, jobs.connect, context.scene, self.wait)
         if not ok:
             return {"CANCELLED"}
-        self.report({"INFO"}, f"connected: {context.scene.ex4d.capabilities}")
+        p = context.scene.ex4d
+        self.report({"INFO"}, f"connected: {p.capabilities}" if self.wait else f"connecting to {p.address}...")
         return {"FINISHED"}
+
+    def invoke(self, context, event):
+        result = self.execute(context)
+        if result == {"FINISHED"}:
+            _start_watch(context)  # the answer, or the report that none came
+        return result
 
 
 class EX4D_OT_disconnect(bpy.types.Operator):
@@ -229,7 +240,7 @@ class EX4D_OT_watch_job(bpy.types.Operator):
             jobs.poll_once(scene)
             for level, text in jobs.take_messages():
                 self.report({level}, text)
-            if not jobs.busy(scene.ex4d):
+            if not jobs.busy(scene.ex4d) and jobs.RT.connecting is None:
                 return self._done(context)
         return {"PASS_THROUGH"}
 

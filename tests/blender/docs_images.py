@@ -26,7 +26,7 @@ scene = bpy.context.scene
 p = scene.ex4d
 p.address = ADDRESS
 p.output_dir = os.path.join(OUT, "ex4d_out") + os.sep
-bpy.ops.ex4d.connect()
+bpy.ops.ex4d.connect(wait=True)
 bpy.ops.ex4d.import_video(filepath=VIDEO, first_frame=0, num_frames=9, width=160, height=120, fov_deg=60.0)
 harness.pump(scene, lambda: p.job_state != "running", 120, sleep_s=0)
 bpy.ops.ex4d.reconstruct(depth_file=DEPTH)

@@ -124,17 +124,29 @@ def _():
 @step("connect_dead_backend")
 def _():
     props.address = DEAD
+    jobs.take_messages()
     t = time.perf_counter()
-    res, msg = call(bpy.ops.ex4d.connect)
-    took = time.perf_counter() - t
-    return {"result": res, "took_s": took, "message": msg, "state": props.backend_state}
+    res, msg = call(bpy.ops.ex4d.connect)  # the panel's button: returns at once, the timer reports
+    op_s = time.perf_counter() - t
+    state_during = props.backend_state
+    took = harness.pump(scene, lambda: jobs.RT.connecting is None, 15)
+    messages = jobs.take_messages()
+    t = time.perf_counter()
+    res_wait, msg_wait = call(bpy.ops.ex4d.connect, wait=True)  # scripts: waits, then reports
+    return {"result": res, "op_s": op_s, "took_s": took, "messages": messages, "state_during": state_during,
+            "state": props.backend_state, "result_wait": res_wait, "message_wait": msg_wait,
+            "took_wait_s": time.perf_counter() - t}
 
 
 @step("connect")
 def _():
     props.address = ADDRESS
+    t = time.perf_counter()
     res = bpy.ops.ex4d.connect()
-    return {"result": sorted(res), "capabilities": props.capabilities, "state": props.backend_state}
+    op_s = time.perf_counter() - t
+    took = harness.pump(scene, lambda: props.backend_state == "connected", 15, sleep_s=0.01)
+    return {"result": sorted(res), "op_s": op_s, "took_s": took, "capabilities": props.capabilities,
+            "state": props.backend_state}
 
 
 @step("import_video")
@@ -352,7 +364,7 @@ def _():
         shutil.move(aside, shot)
     jobs.take_messages()
     res = bpy.ops.ex4d.connect()
-    harness.pump(scene, lambda: props.job_state != "running", 60)
+    harness.pump(scene, lambda: props.job_state == "done", 60)
     out.update(reconnect=sorted(res), state=props.job_state, message=props.job_message,
                files=len([f for f in os.listdir(shot) if f.startswith("shot_")]),
                backend_after_write=backend_job_state(job, wait_for="unknown_job"))
@@ -485,6 +497,26 @@ def _():
     return {"result": sorted(res), "state": p.job_state, "mask_fraction": float(m.mean()),
             "err_right_frames": mae(color, full[3:8]), "err_frames_0_4": mae(color, full[0:5]),
             "frame_range": [sc.frame_start, sc.frame_end]}
+
+
+@step("backend_frozen")
+def _():
+    """A backend that takes the connection but does not answer (stopped): Generate returns at once and
+    the job fails after the submit time-out; the panel shows the lost heartbeat meanwhile."""
+    sc = bpy.context.scene
+    p = sc.ex4d
+    os.kill(int(BACKEND_PID), signal.SIGSTOP)
+    try:
+        t = time.perf_counter()
+        res = bpy.ops.ex4d.generate()
+        op_s = time.perf_counter() - t
+        took = harness.pump(sc, lambda: p.job_state != "running", 30)
+        out = {"result": sorted(res), "op_s": op_s, "failed_after_s": took, "state": p.job_state,
+               "message": p.job_message, "backend_state": p.backend_state}
+    finally:
+        os.kill(int(BACKEND_PID), signal.SIGCONT)
+    out["back_after_s"] = harness.pump(sc, lambda: p.backend_state == "connected", 15)
+    return out
 
 
 @step("backend_dies")
