@@ -138,3 +138,17 @@ def test_missing_wheel_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
     with pytest.raises(Ex4dError, match="could not download wheel"):
         addon.fetch_wheels(["pyzmq-0.0.1-cp311-cp311-win_amd64.whl"], tmp_path, log=lambda *a: None)
+
+
+def test_wheels_come_from_the_checkout_folder_before_any_download(tmp_path, monkeypatch):
+    """A build with an empty cache uses .whl/ of the checkout (offline), without touching the network."""
+    from ex4d.commands import addon
+
+    name = "pyzmq-0.0.1-cp311-cp311-win_amd64.whl"
+    folder = tmp_path / "whl"
+    folder.mkdir()
+    (folder / name).write_bytes(b"wheel")
+    monkeypatch.setattr(addon.subprocess, "run", lambda *a, **k: pytest.fail("pip was called"))
+    assert addon.fetch_wheels([name], tmp_path / "cache", log=lambda *a: None, also_in=[folder]) == [folder / name]
+    assert addon.checkout_wheels() == ROOT / ".whl"
+

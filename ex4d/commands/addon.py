@@ -5,8 +5,9 @@ add-on package (``addon/``), plus:
 
 * ``_core/``: the pure-Python part of ``ex4d`` the add-on needs (``errors.py``, ``camera.py``,
   ``protocol/``), copied here at build time so there is one source of truth in git;
-* ``wheels/``: the pyzmq wheels the manifest lists (Blender ships numpy, not pyzmq), downloaded once
-  with ``pip download`` into a cache so later builds work offline.
+* ``wheels/``: the pyzmq wheels the manifest lists (Blender ships numpy, not pyzmq), taken from the
+  wheel cache or the checkout's ``.whl/`` folder, and downloaded once with ``pip download`` into the
+  cache only when in neither, so builds work offline.
 """
 
 from __future__ import annotations
@@ -76,8 +77,14 @@ def manifest_wheels(root: Path | None = None) -> list[str]:
     return [Path(w).name for w in data.get("wheels", [])]
 
 
-def fetch_wheels(names: list[str], cache: Path, log=print) -> list[Path]:
-    """Make sure every wheel file is in ``cache`` (``pip download`` the missing ones); return their paths."""
+def checkout_wheels() -> Path:
+    """The checkout's own wheel folder (``.whl/``, git-ignored; the tests and CI fill it)."""
+    return source_root() / ".whl"
+
+
+def fetch_wheels(names: list[str], cache: Path, log=print, also_in: list[Path] | None = None) -> list[Path]:
+    """The path of every wheel file: from ``cache``, else from one of ``also_in`` (default: the checkout's
+    ``.whl/``), else ``pip download``-ed into ``cache``."""
     from ..errors import Ex4dError
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -85,6 +92,10 @@ def fetch_wheels(names: list[str], cache: Path, log=print) -> list[Path]:
     for name in names:
         target = cache / name
         if not target.exists():
+            found = [d / name for d in (also_in if also_in is not None else [checkout_wheels()]) if (d / name).is_file()]
+            if found:
+                out.append(found[0])
+                continue
             dist, version, py_tag, abi_tag, plat = name[: -len(".whl")].split("-")
             py_version = f"{py_tag[2]}.{py_tag[3:]}"
             cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--no-deps",
