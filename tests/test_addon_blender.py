@@ -55,6 +55,9 @@ def test_installs_from_zip_with_every_operator(run):
     print(f"Blender {run['blender_version']}")
     major_minor = tuple(int(x) for x in run["blender_version"].split()[0].split(".")[:2])
     assert major_minor >= (4, 2)  # the manifest's blender_version_min
+    z = run["zmq"]
+    if z["zip_wheels"]:  # Blender installed the bundled pyzmq wheel and the add-on uses it
+        assert "extensions" in z["file"] and any(z["version"] in w for w in z["zip_wheels"]), z
     for op in ("connect", "import_video", "reconstruct", "camera_preset", "render_guides", "generate", "cancel",
                "send_to_timeline", "export_camera", "import_camera"):
         assert op in run["operators"]

@@ -20,14 +20,40 @@ def args() -> list:
 
 
 def install(zip_path: str):
-    """Install + enable the built extension; returns the add-on's top module."""
+    """Install + enable the built extension; returns the add-on's top module. When the zip bundles
+    pyzmq wheels, ``zmq`` is then imported only from what Blender installed from them (as in a real
+    Blender, which has no pyzmq of its own), not from the test environment."""
+    import zipfile
+
     assert os.environ.get("BLENDER_USER_RESOURCES"), "tests must set BLENDER_USER_RESOURCES"
+    assert "zmq" not in sys.modules
     t0 = time.perf_counter()
     res = bpy.ops.extensions.package_install_files(filepath=zip_path, repo="user_default", enable_on_install=True)
     assert res == {"FINISHED"}, res
+    if any(n.startswith("wheels/") for n in zipfile.ZipFile(zip_path).namelist()):
+        site = bpy.utils.user_resource(
+            "EXTENSIONS", path=f".local/lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages")
+        sys.meta_path.insert(0, _OnlyFrom("zmq", site))
     mod = importlib.import_module(MODULE)
     assert hasattr(bpy.types.Scene, "ex4d"), "add-on did not register"
     return mod, time.perf_counter() - t0
+
+
+class _OnlyFrom:
+    """Meta path finder: the top-level package ``name`` comes from ``folder`` or not at all."""
+
+    def __init__(self, name: str, folder: str):
+        self.name, self.folder = name, folder
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(fullname, [self.folder])
+        if spec is None:
+            raise ModuleNotFoundError(f"{fullname} is not in {self.folder} (the extension's wheels)")
+        return spec
 
 
 def sub(name: str):

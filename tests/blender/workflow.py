@@ -43,6 +43,12 @@ def step(name):
 mod, install_s = harness.install(ZIP)
 R["install_s"] = install_s
 R["blender_version"] = bpy.app.version_string
+import zipfile  # noqa: E402
+
+import zmq  # noqa: E402  (the one the add-on got: the zip's wheel when it has one)
+
+R["zmq"] = {"version": zmq.__version__, "file": zmq.__file__,
+            "zip_wheels": [n for n in zipfile.ZipFile(ZIP).namelist() if n.startswith("wheels/")]}
 R["operators"] = sorted(dir(bpy.ops.ex4d))
 R["descriptions"] = {n: getattr(bpy.ops.ex4d, n).get_rna_type().description for n in R["operators"]}
 R["labels"] = {n: getattr(bpy.ops.ex4d, n).get_rna_type().name for n in R["operators"]}
