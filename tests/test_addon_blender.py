@@ -140,6 +140,15 @@ def test_dwmesh_vertices_uvs_and_per_frame_positions(run):
     assert s["uv_err"] < 1e-6
     assert max(s["pos_err_per_frame"]) < 1e-5
     assert s["validity_equal"] and s["has_paint_attr"]
+    # built over several timer steps (the UI stays responsive), joining the scene only when complete
+    assert len(s["building"]) >= 2 and not any(linked for _, linked in s["building"]), s["building"]
+
+
+def test_cancel_while_building_the_dwmesh_leaves_nothing_behind(run):
+    s = ok(run, "cancel_while_building")
+    assert s["result"] == ["FINISHED"] and s["state"] == "cancelled" and s["mesh_kept"]
+    assert s["meshes"][0] == s["meshes"][1] and s["objects"][0] == s["objects"][1]
+    assert s["backend"] == "done"  # not released
 
 
 def test_backend_results_released_only_once_on_disk(run):

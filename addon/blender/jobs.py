@@ -233,15 +233,11 @@ def _job_done(scene, result) -> None:
     try:
         msg = handler(scene, result) if handler else f"{props.job_kind} finished"
     except Exception as e:
-        if not isinstance(e, errors.Ex4dError):  # a bug: the console gets the traceback, the artist a one-line report
-            import traceback
-
-            traceback.print_exc()
-            e = f"{type(e).__name__}: {e} (a bug in the add-on; the console has details)"
-        _job_failed(props, e)
-        if remote:  # not released: the backend still has it
-            props.job_stage = NOT_APPLIED
-            props.job_message += "; the result stays on the backend: fix this and press Connect to fetch it again"
+        _apply_failed(props, e, remote)
+        return
+    if hasattr(msg, "step"):  # the result is applied a piece per timer step (a local job; then _job_done again)
+        RT.local = (scene.name, msg)
+        props.job_stage, props.job_step, props.job_total = msg.stage, 0, msg.num_frames
         return
     props.job_state, props.job_stage, props.job_message = "done", "done", msg
     props.job_step = props.job_total
@@ -251,6 +247,19 @@ def _job_done(scene, result) -> None:
         else:
             release(result.job_id)
     post("INFO", msg)
+
+
+def _apply_failed(props, e, remote: bool) -> None:
+    """Applying a result (or running a local job) failed: a one-line report; a remote result is kept."""
+    if not isinstance(e, errors.Ex4dError):  # a bug: the console gets the traceback, the artist a one-line report
+        import traceback
+
+        traceback.print_exc()
+        e = f"{type(e).__name__}: {e} (a bug in the add-on; the console has details)"
+    _job_failed(props, e)
+    if remote:  # not released: the backend still has it
+        props.job_stage = NOT_APPLIED
+        props.job_message += "; the result stays on the backend: fix this and press Connect to fetch it again"
 
 
 def release(job_id: str) -> None:
@@ -307,7 +316,10 @@ def poll_once(scene) -> None:
         except Exception as e:  # a failed render must never leave the job "running" (UI stuck)
             RT.local = None
             worker.finish()
-            _job_failed(props, e)
+            if props.job_kind in REMOTE_KINDS and getattr(worker, "job_id", None):  # applying a backend result
+                _apply_failed(props, e, True)
+            else:
+                _job_failed(props, e)
     client = RT.client
     if client is None:
         return

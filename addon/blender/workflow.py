@@ -157,7 +157,11 @@ def submit_reconstruct(scene, depth_path: str = "", depth_model: str = "") -> st
     return jobs.submit(scene, "reconstruct", params, arrays)
 
 
-def apply_reconstruct(scene, result) -> str:
+def apply_reconstruct(scene, result):
+    """The backend's result -> a DWMeshBuild that jobs.py steps on the timer; called again with that
+    build once it is done (finish_reconstruct)."""
+    if isinstance(result, dwmesh.DWMeshBuild):
+        return finish_reconstruct(scene, result)
     props = scene.ex4d
     a = result.arrays
     missing = [k for k in ("vertices", "faces", "uv") if k not in a]
@@ -168,27 +172,41 @@ def apply_reconstruct(scene, result) -> str:
     face_valid = a.get("face_valid")
     if face_valid is None:
         face_valid = np.ones((T, len(faces)), dtype=bool)
+    lens = {}
     if "K" in a or "K" in result.params:
         K = np.asarray(a.get("K", result.params.get("K")), dtype=np.float64).reshape(-1, 3, 3)[0]
-        props.fx, props.fy, props.cx, props.cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+        lens = {"fx": K[0, 0], "fy": K[1, 1], "cx": K[0, 2], "cy": K[1, 2]}
     depth0 = a["depth"][0] if "depth" in a else -np.asarray(vertices[0])[:, 2]
     d = depth0[np.isfinite(depth0) & (depth0 > 0)]
-    props.depth_min, props.depth_median = float(d.min()), float(np.median(d))
     crop = shotlib.FillCrop(props.src_width, props.src_height, props.width, props.height)
     rig = dwmesh.ensure_rig(scene, f"EX4D Rig {props.shot_name}")
-    old = props.mesh
-    obj = dwmesh.create_dwmesh_object(scene, props.shot_name, rig, vertices, faces, crop.uv_to_source(uv), face_valid,
-                                      props.image, props.frame_start, props.first_frame)
-    if old is not None and old.name in bpy.data.objects:
+    build = dwmesh.DWMeshBuild(scene, props.shot_name, rig, vertices, faces, crop.uv_to_source(uv), face_valid,
+                               props.image, props.frame_start, props.first_frame)
+    build.job_id = result.job_id  # released once the .blend holding the mesh is saved
+    build.settings = {"rig": rig, "depth_min": float(d.min()), "depth_median": float(np.median(d)), **lens}
+    return build
+
+
+def finish_reconstruct(scene, build) -> str:
+    """The DW-mesh is built: it replaces the shot's previous one; the source camera follows the lens."""
+    props = scene.ex4d
+    s = build.settings
+    for key in ("fx", "fy", "cx", "cy", "depth_min", "depth_median"):
+        if key in s:
+            setattr(props, key, s[key])
+    obj, old = build.obj, props.mesh
+    if old is not None and old != obj and old.name in bpy.data.objects:
         bpy.data.objects.remove(old)
-    props.rig, props.mesh = rig, obj
+    props.rig, props.mesh = s["rig"], obj
     if props.source_camera is None or props.source_camera.name not in bpy.data.objects:
-        props.source_camera = dwmesh.create_source_camera(scene, props.shot_name, rig, cameras.shot_K(props), props.width, props.height)
+        props.source_camera = dwmesh.create_source_camera(scene, props.shot_name, s["rig"], cameras.shot_K(props),
+                                                          props.width, props.height)
     else:  # a re-import may have changed the lens
         dwmesh.set_lens(props.source_camera.data, cameras.shot_K(props), props.width, props.height)
     if scene.camera is None:
         scene.camera = props.source_camera
-    return f"DW-mesh '{obj.name}': {len(vertices[0])} vertices, {len(faces)} faces, {T} frames"
+    me = obj.data
+    return f"DW-mesh '{obj.name}': {len(me.vertices)} vertices, {len(me.polygons)} faces, {build.num_frames} frames"
 
 
 # --------------------------------------------------------------------------------------------------

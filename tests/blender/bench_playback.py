@@ -2,7 +2,8 @@
 
     .venv-blender/bin/python tests/blender/bench_playback.py -- ZIP VIDEO OUT_DIR [FRAMES]
 
-import_s      building the object (mesh, UVs, attributes, 48 shape keys + keys, material)
+import_s      building the object (mesh, UVs, attributes, 48 shape keys + keys, material), a piece per
+              step as the add-on does (import_step_max_s: the longest step = the longest UI pause)
 playback_ms   scene.frame_set(f) per frame = depsgraph evaluation of the shape-key mix (what playback
               pays before drawing), warm pass over all frames
 save/reload   .blend size and times; positions checked after reload
@@ -56,8 +57,18 @@ R["vertices"], R["faces"] = H * W, len(faces)
 image = video.load_footage_image(VIDEO)
 rig = dwmesh.ensure_rig(scene, "EX4D Rig bench")
 t = time.perf_counter()
-obj = dwmesh.create_dwmesh_object(scene, "bench", rig, verts, faces, uv, face_valid, image, 1, 0)
+build = dwmesh.DWMeshBuild(scene, "bench", rig, verts, faces, uv, face_valid, image, 1, 0)  # as the add-on applies it
+steps = []
+while True:
+    t0 = time.perf_counter()
+    more = build.step()
+    steps.append(time.perf_counter() - t0)
+    if not more:
+        break
+build.finish()
+obj = build.obj
 R["import_s"] = time.perf_counter() - t
+R["import_steps"], R["import_step_max_s"] = len(steps), max(steps)  # the longest pause of the UI
 scene.frame_start, scene.frame_end = 1, T
 
 def playback(check=False):

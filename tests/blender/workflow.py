@@ -80,7 +80,8 @@ def call(op, **kw):
 
 def capture(kind):
     def handler(sc, result):
-        captured[kind] = result
+        if hasattr(result, "arrays"):  # the backend's result (not the DW-mesh build that applies it)
+            captured[kind] = result
         return _orig_apply[kind](sc, result)
 
     return handler
@@ -171,7 +172,14 @@ def _():
 @step("reconstruct")
 def _():
     res = bpy.ops.ex4d.reconstruct(depth_file=DEPTH)
-    took = harness.pump(scene, lambda: props.job_state != "running", 120)
+    building = []
+
+    def until():
+        if props.job_stage == "building the DW-mesh":  # applied a piece per timer step
+            building.append([props.job_step, any(o.name.startswith("DW-mesh") for o in scene.objects)])
+        return props.job_state != "running"
+
+    took = harness.pump(scene, until, 120)
     r = captured["reconstruct"]
     np.savez(os.path.join(OUT, "mesh.npz"), **r.arrays)
     obj = props.mesh
@@ -195,13 +203,26 @@ def _():
     kept_before_save = backend_job_state(job)
     bpy.ops.wm.save_as_mainfile(filepath=os.path.join(OUT, "after_reconstruct.blend"), copy=True)
     after_save = backend_job_state(job, wait_for="unknown_job")
-    return {"kept_before_save": kept_before_save, "after_save": after_save,
+    return {"building": building, "kept_before_save": kept_before_save, "after_save": after_save,
             "result": sorted(res), "state": props.job_state, "message": props.job_message, "took_s": took,
             "V": V, "F": F, "mesh_vertices": len(me.vertices), "mesh_faces": len(me.polygons),
             "uv_err": float(np.abs(uv.reshape(-1, 2) - uv_expected).max()), "pos_err_per_frame": errs,
             "validity_equal": bool((fv == r.arrays["face_valid"]).all()),
             "has_paint_attr": "ex4d_valid" in me.color_attributes, "source_camera": props.source_camera.name,
             "source_lens": props.source_camera.data.lens, "depth_min": props.depth_min, "depth_median": props.depth_median}
+
+
+@step("cancel_while_building")
+def _():
+    """Cancel while the DW-mesh is being built: nothing half-built stays, the shot's mesh is untouched,
+    and the backend keeps the result (it was never on disk)."""
+    mesh_before, meshes, objects = props.mesh, len(bpy.data.meshes), len(bpy.data.objects)
+    bpy.ops.ex4d.reconstruct(depth_file=DEPTH)
+    harness.pump(scene, lambda: props.job_stage == "building the DW-mesh" and len(bpy.data.meshes) > meshes, 120)
+    res = bpy.ops.ex4d.cancel()
+    return {"result": sorted(res), "state": props.job_state, "mesh_kept": props.mesh == mesh_before,
+            "meshes": [meshes, len(bpy.data.meshes)], "objects": [objects, len(bpy.data.objects)],
+            "backend": backend_job_state(props.job_id)}
 
 
 @step("camera_presets")
