@@ -131,6 +131,9 @@ def _connect_failed(scene, text: str) -> None:
 
 
 def disconnect(scene=None) -> None:
+    if RT.pending_submit:
+        post("WARNING", "disconnected before the backend confirmed the job it was sent: it may not have arrived; "
+                        "press Connect to check on it")
     if RT.client is not None:
         RT.client.close()
         RT.client = None

@@ -285,23 +285,49 @@ def _sync_to_disk(paths, folder: str) -> None:
         os.close(fd)
 
 
-def apply_generate(scene, result) -> str:
-    """Write the generated frames as a PNG sequence (lossless; Blender plays it as an image strip)."""
+class ShotWriter:
+    """Writes the generated frames as ``out/shot_####.png``, FRAMES_PER_STEP per ``step()`` (a local job,
+    so the UI stays responsive), then fsyncs them: only then may the backend drop its copy."""
+
+    stage = "writing the shot"
+    FRAMES_PER_STEP = 8
+
+    def __init__(self, frames, out: str, job_id):
+        self.frames, self.out, self.job_id = np.asarray(frames, dtype=np.uint8), out, job_id
+        self.num_frames, self.t = len(self.frames), 0
+        self.paths = [os.path.join(out, f"shot_{t + 1:04d}.png") for t in range(self.num_frames)]
+
+    def step(self) -> bool:
+        try:
+            for t in range(self.t, min(self.t + self.FRAMES_PER_STEP, self.num_frames)):
+                video.save_png_rgb(self.paths[t], self.frames[t])
+                self.t = t + 1
+            if self.t == self.num_frames:
+                _sync_to_disk(self.paths, self.out)
+        except (OSError, RuntimeError) as e:  # RuntimeError: Blender's image save
+            raise errors.Ex4dError(f"could not write the generated frames to {self.out}: {e}") from None
+        return self.t < self.num_frames
+
+    def finish(self) -> None:
+        pass
+
+
+def apply_generate(scene, result):
+    """The backend's frames -> a ShotWriter (a PNG sequence: lossless; Blender plays it as an image
+    strip) that jobs.py steps on the timer; called again with the writer once the files are on disk."""
     props = scene.ex4d
+    if isinstance(result, ShotWriter):
+        props.result_dir = result.out
+        return f"generated {result.num_frames} frames into {result.out}"
     frames = result.arrays.get("frames")
     if frames is None:
         raise errors.ProtocolError("the backend's generate result has no 'frames'")
     out = os.path.join(os.path.dirname(props.guides_dir.rstrip(os.sep)) or shot_dir(props, props.guides_camera), "shot")
-    try:  # the backend keeps the result until these files are on disk (then jobs.release)
+    try:
         os.makedirs(out, exist_ok=True)
-        paths = [os.path.join(out, f"shot_{t + 1:04d}.png") for t in range(len(frames))]
-        for path, rgb in zip(paths, np.asarray(frames, dtype=np.uint8)):
-            video.save_png_rgb(path, rgb)
-        _sync_to_disk(paths, out)
-    except (OSError, RuntimeError) as e:  # RuntimeError: Blender's image save
+    except OSError as e:
         raise errors.Ex4dError(f"could not write the generated frames to {out}: {e}") from None
-    props.result_dir = out
-    return f"generated {len(frames)} frames into {out}"
+    return ShotWriter(frames, out, result.job_id)
 
 
 def send_to_timeline(scene, with_guides: bool = False, with_source: bool = False) -> list:

@@ -342,6 +342,8 @@ def _():
 
     def until():
         seen.add((props.job_stage, props.job_step))
+        if props.job_stage == "writing the shot":  # a few PNGs per timer step
+            ui.setdefault("writing", []).append(props.job_step)
         if props.job_state == "running" and props.job_total and "busy" not in ui:
             ui["busy"] = ui_snapshot()  # progress bar and Cancel while it runs
         return props.job_state != "running"
@@ -349,7 +351,7 @@ def _():
     took = harness.pump(scene, until, 300)
     frames = captured["generate"].arrays["frames"]
     released = backend_job_state(props.job_id, wait_for="unknown_job")  # the PNGs are on disk: released
-    return {"ui_busy": ui.get("busy"), "released": released, "result": sorted(res), "state": props.job_state, "message": props.job_message, "took_s": took,
+    return {"writing_steps": ui.get("writing"), "ui_busy": ui.get("busy"), "released": released, "result": sorted(res), "state": props.job_state, "message": props.job_message, "took_s": took,
             "progress_seen": sorted(map(list, seen)), "frames_shape": list(frames.shape), "result_dir": props.result_dir,
             "files": sorted(os.listdir(props.result_dir))}
 
@@ -379,7 +381,7 @@ def _():
     shot = props.result_dir
     aside = shot + "_aside"
     shutil.move(shot, aside)
-    open(shot, "w").close()  # a file where the shot folder goes: writing the PNGs fails
+    os.makedirs(os.path.join(shot, "shot_0003.png"))  # a folder where frame 3 goes: writing fails midway
     try:
         res = bpy.ops.ex4d.generate()
         harness.pump(scene, lambda: props.job_state != "running", 300)
@@ -387,7 +389,7 @@ def _():
         out = {"result": sorted(res), "state_failed": props.job_state, "message_failed": props.job_message,
                "backend_after_failure": backend_job_state(job)}
     finally:
-        os.remove(shot)
+        shutil.rmtree(shot)
         shutil.move(aside, shot)
     jobs.take_messages()
     res = bpy.ops.ex4d.connect()
@@ -423,6 +425,7 @@ def _():
     color, mask = harness.sub("blender.guides").load_guides(props.guides_dir, props.num_frames)
     job = jobs.submit(scene, "generate", {"seed": 2}, {"color": color, "mask": mask})
     props.job_kind = "generate"
+    harness.pump(scene, lambda: props.job_stage != "sending", 30)  # the backend has it
     bpy.ops.ex4d.disconnect()
     path = os.path.join(OUT, "shot.blend")
     bpy.ops.wm.save_as_mainfile(filepath=path)
