@@ -262,6 +262,11 @@ def test_backend_death_is_noticed_and_reported(run):
     assert s["abandoned_state"] == "cancelled"  # Cancel frees the panel when the backend is gone
 
 
+def test_file_saved_while_a_local_job_ran_opens_with_a_free_panel(run):
+    s = ok(run, "local_job_saved_while_running")
+    assert s["state"] == "cancelled" and "interrupted" in s["message"] and s["local_jobs"] == 0
+
+
 def test_budget(run):
     assert run["wall_s"] < 300
 

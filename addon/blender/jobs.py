@@ -36,7 +36,7 @@ class Runtime:
 
     def __init__(self):
         self.client = None
-        self.local = None  # (scene name, GuideRender)
+        self.local = {}  # scene name -> the job run inside Blender (FrameReader, GuideRender, DWMeshBuild, ...)
         self.messages = []  # (level, text) not yet shown
         self.watchers = 0  # running ex4d.watch_job modal operators
         self.lost_reported = False
@@ -126,6 +126,7 @@ def _connected(scene, caps: dict) -> None:
 
 def _connect_failed(scene, text: str) -> None:
     RT.connecting, RT.connect_error = None, text
+    RT.inbox = []
     disconnect(scene)
     post("ERROR", text)
 
@@ -202,7 +203,7 @@ def start_local(scene, kind: str, worker) -> None:
     props = scene.ex4d
     if busy(props):
         raise errors.InputError(f"a {props.job_kind} job is still running: wait or cancel it first")
-    RT.local = (scene.name, worker)
+    RT.local[scene.name] = worker
     _start(props, kind, "")
     props.job_total = worker.num_frames
     ensure_timer()
@@ -212,9 +213,8 @@ def cancel(scene) -> None:
     props = scene.ex4d
     if not busy(props):
         return
-    if RT.local is not None and RT.local[0] == scene.name:
-        _, worker = RT.local
-        RT.local = None
+    worker = RT.local.pop(scene.name, None)
+    if worker is not None:
         worker.finish()
         props.job_state, props.job_message = "cancelled", f"{props.job_kind} cancelled"
         post("WARNING", props.job_message)
@@ -239,7 +239,7 @@ def _job_done(scene, result) -> None:
         _apply_failed(props, e, remote)
         return
     if hasattr(msg, "step"):  # the result is applied a piece per timer step (a local job; then _job_done again)
-        RT.local = (scene.name, msg)
+        RT.local[scene.name] = msg
         props.job_stage, props.job_step, props.job_total = msg.stage, 0, msg.num_frames
         return
     props.job_state, props.job_stage, props.job_message = "done", "done", msg
@@ -293,8 +293,22 @@ def on_save_post(*_args) -> None:
 
 @bpy.app.handlers.persistent
 def on_load_post(*_args) -> None:
-    """Another file: the reconstructions of the one left unsaved are not on disk; the backend keeps them."""
+    """Another file: the reconstructions of the one left unsaved are not on disk (the backend keeps
+    them); jobs run inside Blender went with the old file, and one the new file says is running (it was
+    saved meanwhile) cannot go on: it is marked interrupted, so the panel is free again."""
     RT.unsaved.clear()
+    for worker in RT.local.values():  # their scenes and data are gone: only their temporary files remain
+        tmp = getattr(worker, "_tmp", None)
+        if tmp:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    RT.local.clear()
+    for scene in bpy.data.scenes:
+        props = getattr(scene, "ex4d", None)
+        if props is not None and busy(props) and props.job_kind not in REMOTE_KINDS:
+            props.job_state = props.job_stage = "cancelled"
+            props.job_message = f"{props.job_kind} interrupted (the file was saved while it ran): run it again"
 
 
 def _job_failed(props, e) -> None:
@@ -307,17 +321,17 @@ def _job_failed(props, e) -> None:
 def poll_once(scene) -> None:
     """One step of everything in flight for ``scene``; messages go to ``take_messages()``."""
     props = scene.ex4d
-    if RT.local is not None and RT.local[0] == scene.name:
-        _, worker = RT.local
+    worker = RT.local.get(scene.name)
+    if worker is not None:
         try:
             more = worker.step()
             props.job_stage, props.job_step = getattr(worker, "stage", "working"), worker.t
             if not more:
-                RT.local = None
+                RT.local.pop(scene.name, None)
                 worker.finish()
                 _job_done(scene, worker)
         except Exception as e:  # a failed render must never leave the job "running" (UI stuck)
-            RT.local = None
+            RT.local.pop(scene.name, None)
             worker.finish()
             if props.job_kind in REMOTE_KINDS and getattr(worker, "job_id", None):  # applying a backend result
                 _apply_failed(props, e, True)
@@ -457,7 +471,7 @@ def timer_step():
     if not active:
         _status_bar("")
     _redraw()
-    if RT.client is None and RT.local is None:
+    if RT.client is None and not RT.local:
         return None
     return TIMER_BUSY_S if active else TIMER_IDLE_S
 
@@ -481,7 +495,7 @@ def unregister():
         bpy.app.handlers.load_post.remove(on_load_post)
     if bpy.app.timers.is_registered(timer_step):
         bpy.app.timers.unregister(timer_step)
-    if RT.local is not None:
-        RT.local[1].finish()
-        RT.local = None
+    for worker in RT.local.values():
+        worker.finish()
+    RT.local.clear()
     disconnect()

@@ -573,6 +573,19 @@ def _():
             "generate_took_s": time.perf_counter() - t, "job_state": p.job_state}
 
 
+@step("local_job_saved_while_running")
+def _():
+    """A .blend saved while the guides render says 'running': after opening it the panel is free."""
+    sc = bpy.context.scene
+    workflow.start_guides(sc)
+    jobs.poll_once(sc)
+    path = os.path.join(OUT, "saved_while_rendering.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=path, copy=True)
+    bpy.ops.wm.open_mainfile(filepath=path)
+    p = bpy.context.scene.ex4d
+    return {"state": p.job_state, "message": p.job_message, "local_jobs": len(jobs.RT.local)}
+
+
 @step("disable_enable")
 def _():
     bpy.ops.preferences.addon_disable(module=harness.MODULE)
