@@ -83,6 +83,20 @@ def cudnn_attention_supported(device: torch.device | str | None = None) -> tuple
     return True, ""
 
 
+def compile_supported(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Whether regional torch.compile (inductor, Triton kernels) can run on ``device``."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        return False, "torch.compile is only used on CUDA (CPU: eager)"
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # very old torch
+        return False, f"torch {torch.__version__} has no Triton check"
+    if not has_triton():
+        return False, "Triton is not installed for this torch (torch.compile's GPU kernels need it)"
+    return True, ""
+
+
 # ------------------------------------------------------------------------------------------- attention
 
 
@@ -171,6 +185,8 @@ class Fp8Linear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         w = linear.weight.detach()
+        if not w.is_floating_point() or w.element_size() < 2:
+            raise TypeError(f"Fp8Linear needs a bf16/fp16/fp32 weight, got {w.dtype} (dequantise first)")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w_scale = (w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX)  # (N,1)
         w_fp8 = (w.float() / w_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -197,9 +213,43 @@ class Fp8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3"
 
 
-def _merged_linear(module: torch.nn.Module) -> torch.nn.Linear | None:
-    """A plain nn.Linear equal to ``module``: itself, or a peft LoRA wrapper with its adapter merged in."""
+class Fp8WeightOnlyLinear(torch.nn.Module):
+    """A frozen nn.Linear whose weight is STORED as e4m3 with a per-output-channel scale and dequantised to
+    the compute dtype at each call (weight-only: bf16 matmul). Half the memory of bf16; unlike a plain cast
+    to float8 (diffsynth's fp8 storage) small weights keep their precision."""
+
+    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype | None = None):
+        super().__init__()
+        w = linear.weight.detach()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_dtype = dtype or w.dtype
+        w_scale = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+        self.register_buffer("weight_fp8", (w.float() / w_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn),
+                             persistent=False)
+        self.register_buffer("weight_scale", w_scale, persistent=False)  # (N,1) float32
+        bias = linear.bias.detach().to(self.out_dtype) if linear.bias is not None else None
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = (self.weight_fp8.float() * self.weight_scale).to(self.out_dtype)
+        return F.linear(x.to(self.out_dtype), w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3 weight-only"
+
+
+def _merged_linear(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Linear | None:
+    """A plain nn.Linear equal to ``module``: itself, a peft LoRA wrapper with its adapter merged in, or a
+    linear whose weight is stored in float8 without a scale (diffsynth's fp8 storage), cast to ``dtype``."""
     if isinstance(module, torch.nn.Linear) and not hasattr(module, "base_layer"):
+        if module.weight.element_size() == 1:  # float8 storage: dequantise to the compute dtype
+            plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                    device="meta")
+            target = dtype or torch.bfloat16
+            plain.weight = torch.nn.Parameter(module.weight.detach().to(target), requires_grad=False)
+            if module.bias is not None:
+                plain.bias = torch.nn.Parameter(module.bias.detach().to(target), requires_grad=False)
+            return plain
         return module
     base = getattr(module, "base_layer", None)
     if isinstance(base, torch.nn.Linear) and hasattr(module, "merge"):
@@ -214,7 +264,28 @@ def _set_submodule(root: torch.nn.Module, dotted: str, new: torch.nn.Module) -> 
     setattr(parent, child, new)
 
 
-def convert_blocks_to_fp8(dit: torch.nn.Module, names=FP8_LINEARS) -> int:
+def convert_block_to_fp8(block: torch.nn.Module, names=FP8_LINEARS, weight_only=(), dtype: torch.dtype | None = None) -> int:
+    """Replace ``names`` in one block by :class:`Fp8Linear` (FP8 matmul) and ``weight_only`` by
+    :class:`Fp8WeightOnlyLinear`, one layer at a time (each layer's bf16 weight is freed as it goes).
+    Linears already stored in float8 (diffsynth's fp8 storage) are dequantised to ``dtype`` first."""
+    count = 0
+    for name, kind in [(n, Fp8Linear) for n in names] + [(n, Fp8WeightOnlyLinear) for n in weight_only]:
+        try:
+            module = block.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(module, (Fp8Linear, Fp8WeightOnlyLinear)):
+            continue
+        linear = _merged_linear(module, dtype)
+        if linear is None:
+            warnings.warn(f"fp8: {name} is a {type(module).__name__}, left as is")
+            continue
+        _set_submodule(block, name, kind(linear) if kind is Fp8Linear else kind(linear, dtype))
+        count += 1
+    return count
+
+
+def convert_blocks_to_fp8(dit: torch.nn.Module, names=FP8_LINEARS, weight_only=(), dtype: torch.dtype | None = None) -> int:
     """Replace the token-wise linears of every block by :class:`Fp8Linear` (frees their bf16 weights).
 
     LoRA adapters (peft) are folded into their base weights first (the generation package's
@@ -225,22 +296,7 @@ def convert_blocks_to_fp8(dit: torch.nn.Module, names=FP8_LINEARS) -> int:
         merge_lora = None
     if merge_lora is not None and any(hasattr(m, "lora_A") for m in dit.modules()):
         merge_lora(dit)
-    count = 0
-    for block in dit.blocks:
-        for name in names:
-            try:
-                module = block.get_submodule(name)
-            except AttributeError:
-                continue
-            if isinstance(module, Fp8Linear):
-                continue
-            linear = _merged_linear(module)
-            if linear is None:
-                warnings.warn(f"fp8: {name} is a {type(module).__name__}, left as is")
-                continue
-            _set_submodule(block, name, Fp8Linear(linear))
-            count += 1
-    return count
+    return sum(convert_block_to_fp8(block, names, weight_only, dtype) for block in dit.blocks)
 
 
 # ----------------------------------------------------------------------------------- the block forward
@@ -303,11 +359,13 @@ def _expected_block(block) -> bool:
 
 
 def patch_block_forwards(dit, attention=sdpa_default, compile_blocks: bool = False, compile_mode: str | None = None,
-                         compile_backend: str = "inductor"):
+                         compile_backend: str = "inductor", notice=warnings.warn):
     """Give every block our forward (same maths, real RoPE, chosen attention); optionally compiled.
 
     The forward is patched per instance (``block.forward``), so module hooks (e.g. the block offloader's)
-    still run eagerly around it, and one compiled graph serves every block of the same structure.
+    still run eagerly around it, and one compiled graph serves every block of the same structure. If the
+    compiled forward fails before it ever succeeded (a compiler that cannot build here), every block falls
+    back to the eager forward with one ``notice``; later failures are raised.
     """
     cache = _RopeTableCache()
     core = block_forward
@@ -316,11 +374,29 @@ def patch_block_forwards(dit, attention=sdpa_default, compile_blocks: bool = Fal
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         core = torch.compile(block_forward, dynamic=False, mode=compile_mode, backend=compile_backend)
+    state = {"eager": not compile_blocks, "worked": False}
+
+    def run(block, x, context, t_mod, cos, sin):
+        if state["eager"]:
+            return block_forward(block, x, context, t_mod, cos, sin, attention)
+        try:
+            out = core(block, x, context, t_mod, cos, sin, attention)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - only before the first success: the compiler, not the maths
+            if state["worked"]:
+                raise
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            notice(f"speed lever compile failed here ({type(e).__name__}: {first}); running the blocks eagerly")
+            state["eager"] = True
+            return block_forward(block, x, context, t_mod, cos, sin, attention)
+        state["worked"] = True
+        return out
 
     def make(block):
         def forward(self, x, context, t_mod, freqs):
             cos, sin = cache.get(freqs)
-            return core(self, x, context, t_mod, cos, sin, attention)
+            return run(self, x, context, t_mod, cos, sin)
 
         return types.MethodType(forward, block)
 
@@ -374,11 +450,14 @@ def apply_speed_levers(target, levers=DEFAULT_LEVERS, *, device=None, compile_mo
 
     wants_patch = bool({"fused_rope", "compile"} & set(levers)) or attention is not sdpa_default
     compile_blocks = "compile" in levers
-    if compile_blocks and device.type != "cuda":
-        report.skipped["compile"] = "torch.compile is only used on CUDA (CPU: eager)"
-        compile_blocks = False
+    if compile_blocks:
+        ok, why = compile_supported(device)
+        if not ok:
+            report.skipped["compile"] = why
+            compile_blocks = False
     if wants_patch:
-        patch_block_forwards(dit, attention=attention, compile_blocks=compile_blocks, compile_mode=compile_mode)
+        patch_block_forwards(dit, attention=attention, compile_blocks=compile_blocks, compile_mode=compile_mode,
+                             notice=notice)
         if "fused_rope" in levers or "compile" in levers:
             report.applied.append("fused_rope")
         if compile_blocks:
