@@ -337,9 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     device = f"cuda:{torch.cuda.current_device()}"
     sp = XfuserSequenceGroup()
-    kwargs = {"models_dir": args.models, "device": device}
-    if args.memory_mode:
-        kwargs["memory_mode"] = args.memory_mode
+    from ex4d.commands.generate import generator_kwargs
+
+    kwargs = {"models_dir": args.models, "device": device, **generator_kwargs(args)}
+    kwargs.pop("preview_cache", None)  # the split model function runs every step (no preview cache)
     generator = attach(load_generator(args.generator, **kwargs), sp)
     if rank != 0:
         follow_rank0(generator, sp)
@@ -356,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                          keys_dir=Path(args.keys_dir) if args.keys_dir else None, heartbeat_s=args.heartbeat,
                          limits=Limits(max_message_bytes=total, max_array_bytes=max(total // 2, 1)))
     engine = Engine(generator=args.generator, models_dir=args.models, device=device, memory_mode=args.memory_mode,
-                    depth_weights=args.depth_weights, renderer=args.renderer, gpus=args.gpus)
+                    depth_weights=args.depth_weights, renderer=args.renderer, gpus=args.gpus, speed=args.speed,
+                    vram_limit_gb=args.vram_limit)
     engine.device = device
     parallel = ParallelGenerator(generator, sp)
     engine.generator = parallel

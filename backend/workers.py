@@ -139,11 +139,15 @@ class Engine:
 
     def __init__(self, generator: str = "tiny", models_dir: str | os.PathLike | None = None, device: str = "auto",
                  memory_mode: str | None = None, depth_weights: str | os.PathLike | None = None,
-                 renderer: str = "auto", gpus: int = 1):
+                 renderer: str = "auto", gpus: int = 1, speed: str = "fast", vram_limit_gb: float | None = None,
+                 preview_cache: float = 0.0):
         self.generator_name = generator
         self.models_dir = models_dir
         self.device_name = device
         self.memory_mode = memory_mode
+        self.speed = speed
+        self.vram_limit_gb = vram_limit_gb
+        self.preview_cache = preview_cache
         self.depth_weights = depth_weights
         self.renderer = renderer
         self.gpus = int(gpus)
@@ -168,9 +172,12 @@ class Engine:
         if self.generator_name and self.generator_name != "none":
             from ex4d.generate import load_generator
 
-            kwargs: dict[str, Any] = {"models_dir": self.models_dir, "device": self.device}
+            kwargs: dict[str, Any] = {"models_dir": self.models_dir, "device": self.device, "speed": self.speed,
+                                      "preview_cache": self.preview_cache or 0.0}
             if self.memory_mode:
                 kwargs["memory_mode"] = self.memory_mode
+            if self.vram_limit_gb is not None:
+                kwargs["vram_limit_gb"] = self.vram_limit_gb
             self.generator = load_generator(self.generator_name, **kwargs)
         self.load_seconds = time.perf_counter() - t0
 
@@ -192,6 +199,9 @@ class Engine:
             "parallel_gpus": self.gpus,
             "kinds": sorted(HANDLERS),
             "memory_mode": self.memory_mode,
+            "speed": self.speed,
+            "preview_cache": self.preview_cache,
+            "generation": self.generator.info() if hasattr(self.generator, "info") else None,
             "renderer": self.renderer,
             "load_seconds": round(self.load_seconds, 2),
         }
@@ -213,7 +223,7 @@ class Engine:
             if _is_oom(e):
                 raise OutOfMemoryError(
                     f"GPU out of memory while running {kind}: use fewer or smaller frames, or restart the "
-                    "backend with --memory-mode offload"
+                    "backend with --memory-mode stream (and --vram-limit GB below the card's free memory)"
                 ) from None
             raise
 
@@ -225,6 +235,23 @@ class Engine:
         if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def preview_option(self, params: dict) -> dict:
+        """A job's ``preview_cache`` threshold (0 = off), for generators that take one."""
+        if params.get("preview_cache") is None or self.generator is None:
+            return {}
+        if "preview_cache" not in inspect.signature(self.generator.generate).parameters:
+            raise InputError("this backend's generator has no preview cache")
+        try:
+            value = float(params["preview_cache"])
+        except (TypeError, ValueError):
+            raise InputError(f"preview_cache must be a number >= 0, got {params['preview_cache']!r}") from None
+        return {"preview_cache": value}
+
+    def last_generation(self) -> dict | None:
+        """What the latest generation skipped (preview cache), for the job's result."""
+        run = getattr(self.generator, "last_run", None) or {}
+        return run.get("preview_cache")
+
     def generate(self, color, mask, params, progress, cancel) -> np.ndarray:
         if self.generator is None:
             raise InputError("this backend runs without a generator (started with --generator none)")
@@ -232,6 +259,7 @@ class Engine:
                       progress=progress, cancel=cancel)
         if params.get("cfg") is not None and "cfg" in inspect.signature(self.generator.generate).parameters:
             kwargs["cfg"] = float(params["cfg"])
+        kwargs.update(self.preview_option(params))
         out = np.asarray(self.generator.generate(np.ascontiguousarray(color), np.ascontiguousarray(mask), **kwargs))
         if out.dtype != np.uint8 or out.ndim != 4 or out.shape[-1] != 3:
             raise InputError(f"generator returned {out.dtype} {out.shape}, expected uint8 (T,H,W,3)")
@@ -417,7 +445,10 @@ def run_render(engine: Engine, params: dict, arrays: dict, progress, cancel):
 @handler("generate")
 def run_generate(engine: Engine, params: dict, arrays: dict, progress, cancel):
     out = engine.generate(arrays["color"], arrays["mask"], params, progress, cancel)
-    return {"generator": engine.generator_name, "seed": int(params.get("seed", 0))}, {"frames": out}
+    info = {"generator": engine.generator_name, "seed": int(params.get("seed", 0))}
+    if engine.last_generation():
+        info["preview_cache"] = engine.last_generation()
+    return info, {"frames": out}
 
 
 @handler("echo")
@@ -448,11 +479,14 @@ def run_shot_job(engine: Engine, params: dict, arrays: dict, progress, cancel):
     result = run_shot(frames, depth, intr, path, mesh_method=params.get("mesh_method", "ours"),
                       renderer=params.get("renderer", engine.renderer), device=engine.device,
                       generator=engine.generator if want_video else None, prompt=params.get("prompt"),
-                      seed=int(params.get("seed", 0)), steps=params.get("steps"), progress=progress, cancel=cancel)
+                      seed=int(params.get("seed", 0)), steps=params.get("steps"), progress=progress, cancel=cancel,
+                      **(engine.preview_option(params) if want_video else {}))
     out = {"color": _np(result.guides.color), "mask": _np(result.guides.mask), "c2w": result.path.c2w, "K": result.path.K}
     if result.video is not None:
         out["frames"] = result.video
     info = {"name": result.path.name, "width": W, "height": H, "intrinsics_source": source,
             "generated": result.video is not None, "generator": engine.generator_name if want_video else None,
             "path_meta": dict(result.path.meta)}
+    if result.video is not None and engine.last_generation():
+        info["preview_cache"] = engine.last_generation()
     return info, out

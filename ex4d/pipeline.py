@@ -239,15 +239,21 @@ def run_shot(
     steps: int | None = None,
     progress: Progress | None = None,
     cancel=None,
+    generator_options: dict | None = None,
+    preview_cache: float | None = None,
 ) -> ShotResult:
     """Mesh, guides and - when ``generator`` is given (a name for ``load_generator`` or a loaded
-    generator, as the backend keeps warm) - the generated video, all as arrays."""
+    generator, as the backend keeps warm) - the generated video, all as arrays.
+
+    ``generator_options`` go to ``load_generator`` with a generator name (``speed``, ``vram_limit_gb``,
+    ``preview_cache``); ``preview_cache`` overrides a loaded generator's threshold for this shot.
+    What the generator used and skipped is in ``result.info["generation"]``."""
     T, H, W = np.asarray(frames).shape[:3]
     path = check_path_for_video(path, T, W, H)  # a short path fails before any compute
     if isinstance(generator, str):
         from .generate import load_generator
 
-        kwargs = {"models_dir": models_dir, "device": device}
+        kwargs = {"models_dir": models_dir, "device": device, **(generator_options or {})}
         if memory_mode is not None:
             kwargs["memory_mode"] = memory_mode
         generator = load_generator(generator, **kwargs)
@@ -256,10 +262,13 @@ def run_shot(
     result = ShotResult(mesh, guides, path)
     if generator is not None:
         _check_cancel(cancel)
+        extra = {} if preview_cache is None else {"preview_cache": preview_cache}
         out = generator.generate(
             np.asarray(guides.color), np.asarray(guides.mask), prompt=prompt, seed=seed, steps=steps,
-            progress=progress, cancel=cancel,
+            progress=progress, cancel=cancel, **extra,
         )
+        if hasattr(generator, "metadata"):
+            result.info["generation"] = generator.metadata()
         out = np.asarray(out)
         if out.dtype != np.uint8 or out.ndim != 4 or out.shape[-1] != 3:
             raise InputError(f"generator returned {out.dtype} {out.shape}, expected uint8 (T,H,W,3)")

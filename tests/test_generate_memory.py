@@ -33,7 +33,7 @@ def clip_and_reference():
     color = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     mask = np.ones((5, 32, 32), bool)
     mask[1:, :, 16:] = False
-    gen = load_generator("tiny")
+    gen = load_generator("tiny", speed="reference")
     reference = gen.generate(color, mask, steps=1)
     gen.pipe.batch_cfg = True
     batched = gen.generate(color, mask, steps=1)

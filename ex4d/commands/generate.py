@@ -25,8 +25,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="MP4", help="output video (written atomically)")
     p.add_argument("--generator", default="ex4d", choices=("ex4d", "draft", "tiny"), help="default ex4d")
     p.add_argument("--models", metavar="DIR", help="weights folder laid out as the releases (default $EX4D_MODELS or ./models)")
-    p.add_argument("--memory-mode", default="resident", choices=("resident", "offload", "fp8"),
-                   help="ex4d: resident (all on the GPU, ~48 GB), offload (layers streamed from CPU RAM), fp8 (DiT weights stored in FP8)")
+    add_generator_options(p, memory_default="resident")
     p.add_argument("--device", help="torch device (default cuda when available, else cpu)")
     p.add_argument("--prompt", help="text prompt (default: the release's fixed prompt)")
     p.add_argument("--steps", type=int, help="denoising steps (default 25)")
@@ -38,6 +37,55 @@ def register(sub) -> None:
     p.add_argument("--strict-mask", action="store_true", help="refuse a mask video that is not strictly black/white")
     p.add_argument("--fps", type=float, help="output frame rate (default: the colour video's; 15 for a .npz)")
     p.set_defaults(func=cmd_generate)
+
+
+MEMORY_MODE_HELP = ("how the ex4d generator uses GPU memory: resident (everything on the GPU, ~40-48 GB), "
+                    "stream (DiT blocks that do not fit --vram-limit stream from pinned CPU memory: 24 GB and 16 GB "
+                    "cards at about resident speed), fp8 (DiT weights stored in FP8, ~35 GB), offload (diffsynth "
+                    "moves every layer from CPU memory; slowest)")
+
+
+def add_generator_options(p, memory_default=None) -> None:
+    """--memory-mode, --vram-limit, --speed, --preview-cache: shared by generate, run and serve."""
+    p.add_argument("--memory-mode", default=memory_default, choices=("resident", "stream", "fp8", "offload"),
+                   help=MEMORY_MODE_HELP + (f" (default {memory_default})" if memory_default else " (default resident)"))
+    p.add_argument("--vram-limit", type=float, metavar="GB",
+                   help="GPU memory budget in GiB for --memory-mode stream (default: the card less 1 GiB) or "
+                   "offload; e.g. 22 on a 24 GB card that also drives a display")
+    p.add_argument("--speed", default="fast", choices=("fast", "reference"),
+                   help="fast (default): cuDNN attention, FP8 FFN matmuls, torch.compile and batched CFG where the "
+                   "GPU allows (1.8x the release per shot; the first shot of a process compiles for ~20 s); "
+                   "reference: the release's configuration")
+    p.add_argument("--preview-cache", type=float, default=0.0, metavar="THRESH",
+                   help="fast preview: skip DiT forwards while the timestep embedding barely changes (TeaCache-style; "
+                   "0 = off, the default; 0.1-0.3 for previews). Lower quality: not for finals")
+
+
+def generator_kwargs(args) -> dict:
+    """load_generator keyword arguments from add_generator_options' flags (only those given)."""
+    kwargs = {"speed": getattr(args, "speed", "fast"), "preview_cache": getattr(args, "preview_cache", 0.0) or 0.0}
+    if getattr(args, "memory_mode", None):
+        kwargs["memory_mode"] = args.memory_mode
+    if getattr(args, "vram_limit", None) is not None:
+        kwargs["vram_limit_gb"] = args.vram_limit
+    return kwargs
+
+
+def print_generation_summary(meta: dict | None) -> None:
+    """One line on stderr from ``Ex4dGenerator.metadata()``: memory mode, speed levers, preview-cache skips."""
+    if not meta:
+        return
+    run = meta.get("last_run") or {}
+    levers = (meta.get("levers") or {}).get("levers") or []
+    parts = [f"memory mode {meta['memory_mode']}", f"speed {meta['speed']}" + (f" ({', '.join(levers)})" if levers else "")]
+    plan = meta.get("stream_plan")
+    if plan and plan.get("streamed_blocks"):
+        parts.append(f"{plan['streamed_blocks']} of {plan['resident_blocks'] + plan['streamed_blocks']} DiT blocks streamed")
+    cache = run.get("preview_cache")
+    if cache:
+        parts.append(f"preview cache {cache['threshold']:g}: skipped {cache['skipped_forwards']} of {cache['forwards']} "
+                     f"DiT forwards ({len(cache['skipped_steps'])} of {cache['steps']} steps)")
+    print("generation: " + "; ".join(parts), file=sys.stderr)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -106,7 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..generate import load_generator
 
     color, mask, fps = load_guides(args)
-    generator = load_generator(args.generator, models_dir=args.models, device=args.device, memory_mode=args.memory_mode)
+    generator = load_generator(args.generator, models_dir=args.models, device=args.device, **generator_kwargs(args))
 
     from tqdm import tqdm
 
@@ -129,6 +177,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.close()
     from ..video import write_video
 
+    if hasattr(generator, "metadata"):
+        print_generation_summary(generator.metadata())
     path = write_video(args.out, out, fps=args.fps or fps)
     print(f"wrote {path} ({out.shape[0]} frames, {out.shape[2]}x{out.shape[1]}, generator {args.generator})")
     return 0

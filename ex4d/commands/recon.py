@@ -34,7 +34,9 @@ def register(sub) -> None:
     gen = run.add_argument_group("generation")
     gen.add_argument("--generator", default="draft", help="draft (classical fill, CPU), ex4d (Wan2.1-I2V-14B + EX-4D adapter) or tiny (test model); default draft")
     gen.add_argument("--models", metavar="DIR", help="folder with the model weights (laid out as the public releases)")
-    gen.add_argument("--memory-mode", choices=("resident", "offload", "fp8"), help="how the ex4d generator uses GPU memory")
+    from .generate import add_generator_options
+
+    add_generator_options(gen)
     gen.add_argument("--prompt", help="text prompt (default: EX-4D's)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--steps", type=int, help="denoising steps (default: the generator's)")
@@ -144,7 +146,7 @@ def _recon_or_run(args, generate: bool) -> int:
             generator=args.generator if generate else None,
             models_dir=getattr(args, "models", None), memory_mode=getattr(args, "memory_mode", None),
             prompt=getattr(args, "prompt", None), seed=getattr(args, "seed", 0), steps=getattr(args, "steps", None),
-            progress=progress,
+            progress=progress, generator_options=_generator_options(args) if generate else None,
         )
         files = write_shot(args.out, name, result, inputs.fps, frames=inputs.frames, save_mesh=args.save_mesh, progress=progress)
     finally:
@@ -155,9 +157,21 @@ def _recon_or_run(args, generate: bool) -> int:
         f"{inputs.num_frames} frames at {W}x{H}, {inputs.fps:g} fps; intrinsics: {inputs.intrinsics_source} "
         f"(fx {inputs.intrinsics.fx:.1f} px); camera '{path.name}'; {valid:.1%} of guide pixels valid"
     )
+    if result.info.get("generation"):
+        from .generate import print_generation_summary
+
+        print_generation_summary(result.info["generation"])
     for f in files:
         print(f"wrote {f}")
     return 0
+
+
+def _generator_options(args) -> dict:
+    from .generate import generator_kwargs
+
+    kwargs = generator_kwargs(args)
+    kwargs.pop("memory_mode", None)  # run_shot takes it by name
+    return kwargs
 
 
 def cmd_recon(args) -> int:

@@ -26,7 +26,9 @@ def register(sub) -> None:
     s.add_argument("--generator", default="draft", choices=("ex4d", "draft", "tiny", "none"),
                    help="generator kept warm: ex4d (Wan2.1-I2V-14B + EX-4D adapter), draft (classical fill), "
                    "tiny (random test model) or none (geometry only); default draft")
-    s.add_argument("--memory-mode", choices=("resident", "offload", "fp8"), help="how the ex4d generator uses GPU memory")
+    from .generate import add_generator_options
+
+    add_generator_options(s)
     s.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     s.add_argument("--depth-weights", metavar="DIR", help="folder with depth model weights (for jobs that name a depth_model)")
     s.add_argument("--renderer", default="auto", choices=("auto", "torch", "nvdiffrast"), help="rasterizer for guide renders")
@@ -133,6 +135,8 @@ def cmd_serve(args) -> int:
         raise InputError("--gpus must be at least 1")
     if args.heartbeat <= 0:
         raise InputError("--heartbeat must be positive")
+    if args.gpus > 1 and args.preview_cache:
+        raise InputError("--preview-cache needs --gpus 1 (the sequence-parallel model function runs every step)")
     if args.gpus > 1:
         from backend.parallel import launch_parallel
 
@@ -156,7 +160,8 @@ def cmd_serve(args) -> int:
     config = ServeConfig(bind=args.bind, jobs_dir=Path(args.jobs_dir), max_queue=args.max_queue, ttl_s=args.ttl * 3600.0,
                          keys_dir=Path(args.keys_dir) if args.keys_dir else None, heartbeat_s=args.heartbeat, limits=limits)
     engine = Engine(generator=args.generator, models_dir=args.models, device=args.device, memory_mode=args.memory_mode,
-                    depth_weights=args.depth_weights, renderer=args.renderer)
+                    depth_weights=args.depth_weights, renderer=args.renderer, speed=args.speed,
+                    vram_limit_gb=args.vram_limit, preview_cache=args.preview_cache)
     engine.load()
 
     def ready(address: str) -> None:

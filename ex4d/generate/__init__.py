@@ -10,31 +10,55 @@ Importing this package does not import torch; :func:`load_generator` does, for `
 from __future__ import annotations
 
 from ..errors import InputError
-from .settings import (EX4D_PROMPT, GENERATOR_NAMES, MEMORY_MODES, RELEASE_CFG, RELEASE_FRAMES, RELEASE_HEIGHT,
-                       RELEASE_SEED, RELEASE_STEPS, RELEASE_WIDTH, WAN_NEGATIVE_PROMPT)
+from .settings import (DEFAULT_SPEED, EX4D_PROMPT, GENERATOR_NAMES, MEMORY_MODES, RELEASE_CFG, RELEASE_FRAMES,
+                       RELEASE_HEIGHT, RELEASE_SEED, RELEASE_STEPS, RELEASE_WIDTH, SPEEDS, WAN_NEGATIVE_PROMPT)
 
-__all__ = ["load_generator", "GENERATOR_NAMES", "MEMORY_MODES", "EX4D_PROMPT", "WAN_NEGATIVE_PROMPT"]
+__all__ = ["load_generator", "GENERATOR_NAMES", "MEMORY_MODES", "SPEEDS", "EX4D_PROMPT", "WAN_NEGATIVE_PROMPT"]
 
 
-def load_generator(name: str, models_dir=None, device=None, memory_mode: str = "resident", dtype=None, **options):
+def load_generator(name: str, models_dir=None, device=None, memory_mode: str = "resident", dtype=None,
+                   speed: str = DEFAULT_SPEED, vram_limit_gb: float | None = None, preview_cache: float = 0.0,
+                   **options):
     """Build a generator by name.
 
     * ``draft``: classical fill on the CPU (no weights).
     * ``ex4d``: Wan2.1-I2V-14B-480P + EX-4D adapter from ``models_dir`` (default $EX4D_MODELS or ./models);
-      raises WeightsError naming every missing file. ``memory_mode``: resident | offload | fp8.
+      raises WeightsError naming every missing file. ``memory_mode``: resident | offload | fp8 | stream.
     * ``tiny``: the same pipeline classes with tiny seeded random weights (CPU, seconds) for tests.
 
-    ``options`` go to the generator (``window``, ``overlap``) or, for ex4d, ``vram_limit_gb``.
+    ``speed``: ``fast`` (default: the measured speed levers that this device, torch and memory mode allow;
+    see :mod:`ex4d.generate.speed`) or ``reference`` (the release's configuration).
+    ``vram_limit_gb``: GPU budget of ``stream`` (default: the card less 1 GiB) or diffsynth's limit in
+    ``offload``. ``preview_cache``: default step-cache threshold of every ``generate`` (0 = off; see
+    :mod:`ex4d.generate.preview_cache`). Other ``options`` go to the generator (``window``, ``overlap``,
+    ``preview_metric``).
+    ``speed``, ``vram_limit_gb`` and ``preview_cache`` are ignored by ``draft``.
     """
+    import math
+
     if name not in GENERATOR_NAMES:
         raise InputError(f"unknown generator {name!r}: choose one of {', '.join(GENERATOR_NAMES)}")
     if memory_mode not in MEMORY_MODES:
         raise InputError(f"unknown memory mode {memory_mode!r}: choose one of {', '.join(MEMORY_MODES)}")
+    if speed not in SPEEDS:
+        raise InputError(f"unknown speed {speed!r}: choose one of {', '.join(SPEEDS)}")
+    if vram_limit_gb is not None:
+        try:
+            vram_limit_gb = float(vram_limit_gb)
+        except (TypeError, ValueError):
+            raise InputError(f"--vram-limit must be a number of GB, got {vram_limit_gb!r}") from None
+        if not math.isfinite(vram_limit_gb) or vram_limit_gb < 0:
+            raise InputError(f"--vram-limit must be a number of GB >= 0, got {vram_limit_gb}")
+        if memory_mode not in ("stream", "offload") and name != "draft":
+            raise InputError(f"--vram-limit applies to --memory-mode stream (or offload), not {memory_mode}")
     if name == "draft":
         from .draft import DraftGenerator
 
         return DraftGenerator(**{k: v for k, v in options.items() if k in ("window", "inpaint_radius")})
-    generator_options = {k: options.pop(k) for k in ("window", "overlap") if k in options}
+    from .generator import check_preview_cache
+
+    generator_options = {k: options.pop(k) for k in ("window", "overlap", "preview_metric") if k in options}
+    generator_options["preview_cache"] = check_preview_cache(preview_cache)
     if name == "ex4d":
         from .weights import check_weights
 
@@ -43,7 +67,7 @@ def load_generator(name: str, models_dir=None, device=None, memory_mode: str = "
         from .loading import load_ex4d_pipeline
 
         pipe = load_ex4d_pipeline(models_dir, device=device, memory_mode=memory_mode, dtype=dtype,
-                                  vram_limit_gb=options.pop("vram_limit_gb", None))
+                                  vram_limit_gb=vram_limit_gb, speed=speed)
         return Ex4dGenerator(pipe, name="ex4d", **generator_options)
     import torch
 
@@ -51,5 +75,5 @@ def load_generator(name: str, models_dir=None, device=None, memory_mode: str = "
     from .loading import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(device=device or "cpu", dtype=dtype or torch.float32, memory_mode=memory_mode,
-                               seed=int(options.pop("seed", 0)))
+                               seed=int(options.pop("seed", 0)), speed=speed, vram_limit_gb=vram_limit_gb)
     return Ex4dGenerator(pipe, name="tiny", **generator_options)

@@ -54,7 +54,7 @@ def load_components(models_dir=None, *, device="cpu", dtype=torch.bfloat16, arch
 
 
 def load_ex4d_pipeline(models_dir=None, *, device=None, memory_mode: str = "resident", dtype=None,
-                       arch: str = "i2v-14b", vram_limit_gb: float | None = None):
+                       arch: str = "i2v-14b", vram_limit_gb: float | None = None, speed: str = "reference"):
     """Wan2.1-I2V-14B-480P + EX-4D adapter from a local folder (never downloads)."""
     from .adapter import read_state_dict
     from .memory import apply_memory_mode  # noqa: F401  (fail early if diffsynth is missing)
@@ -67,7 +67,8 @@ def load_ex4d_pipeline(models_dir=None, *, device=None, memory_mode: str = "resi
     components, layout = load_components(models_dir, device=load_device, dtype=dtype, arch=arch)
     state = read_state_dict(layout.adapter)
     return assemble_pipeline(components, device=device, dtype=dtype, adapter_state=state,
-                             adapter_path=str(layout.adapter), memory_mode=memory_mode, vram_limit_gb=vram_limit_gb)
+                             adapter_path=str(layout.adapter), memory_mode=memory_mode, vram_limit_gb=vram_limit_gb,
+                             speed=speed)
 
 
 @torch.no_grad()
@@ -88,11 +89,12 @@ def random_adapter_state(components: Components, seed: int = 0, scale: float = 0
 
 
 def build_tiny_pipeline(*, device="cpu", dtype=torch.float32, memory_mode: str = "resident", seed: int = 0,
-                        adapter: bool = True):
+                        adapter: bool = True, speed: str = "reference", vram_limit_gb: float | None = None):
     """The tiny pipeline: real classes, tiny seeded random weights, a seeded random adapter."""
     from .pipeline import assemble_pipeline
 
     components = build_random_components("tiny", seed=seed, device="cpu", dtype=torch.float32)
     state = random_adapter_state(components, seed=seed) if adapter else None
     return assemble_pipeline(components, device=device, dtype=dtype, adapter_state=state,
-                             adapter_path="<tiny random adapter>", memory_mode=memory_mode)
+                             adapter_path="<tiny random adapter>", memory_mode=memory_mode, speed=speed,
+                             vram_limit_gb=vram_limit_gb)

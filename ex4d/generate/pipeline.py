@@ -34,11 +34,14 @@ ProgressFn = Callable[..., None]
 
 def ex4d_model_fn(dit, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                   clip_feature: torch.Tensor, y: torch.Tensor, video_tokens: torch.Tensor | None = None,
-                  **_unused) -> torch.Tensor:
+                  step_cache=None, cache_key: str = "posi", **_unused) -> torch.Tensor:
     """Wan I2V DiT forward with the EX-4D condition tokens added after patch embedding.
 
     Batched CFG: pass ``context`` with batch 2 (posi, nega); latents/y/clip/video_tokens of batch 1 are
     broadcast. ``timestep`` has shape (1,), preferably float32 (any float dtype works).
+
+    ``step_cache`` (a :class:`~ex4d.generate.preview_cache.PreviewCache`, opt-in) may replace the block
+    stack by the residual it stored for ``cache_key`` (one state per CFG branch or batched pair).
     """
     from diffsynth.models.wan_video_dit import sinusoidal_embedding_1d
 
@@ -69,8 +72,14 @@ def ex4d_model_fn(dit, latents: torch.Tensor, timestep: torch.Tensor, context: t
         dit.freqs[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
     ], dim=-1).reshape(f * h * w, 1, -1).to(x.device)
 
-    for block in dit.blocks:
-        x = block(x, context, t_mod, freqs)
+    if step_cache is not None and step_cache.should_skip(cache_key, step_cache.probe(dit, x, t, t_mod), x):
+        x = step_cache.reuse(cache_key, x)
+    else:
+        x_in = x
+        for block in dit.blocks:
+            x = block(x, context, t_mod, freqs)
+        if step_cache is not None:
+            step_cache.store(cache_key, x_in, x)
     x = dit.head(x, t)
     return dit.unpatchify(x, (f, h, w))
 
@@ -104,6 +113,12 @@ class Ex4dPipeline(_pipeline_base()):
         self.batch_cfg = False  # True: one DiT call with batch 2 (posi, nega) instead of two calls
         self.in_iteration_models = ("dit", "condition_encoder")
         self.adapter_report = None
+        self.speed = "reference"  # set by speed.finish_speed
+        self.speed_report = None
+        self.step_cache = None  # a PreviewCache during a generation that asked for one
+        self.text_swapper = None  # memory mode stream: the text encoder visits the GPU only to encode
+        self.block_offloader = None  # memory mode stream: DiT blocks streamed from pinned host memory
+        self.stream_plan = None
 
     def load_models_to_device(self, model_names) -> None:
         """diffsynth's stage switching (offload models not in use, onload those in use), also on CPU."""
@@ -129,7 +144,11 @@ class Ex4dPipeline(_pipeline_base()):
         self.load_models_to_device(("text_encoder",))
         ids, mask = self.tokenizer(text, return_mask=True, add_special_tokens=True)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        emb = self.text_encoder(ids, mask)
+        if self.text_swapper is not None:
+            with self.text_swapper.on_device():
+                emb = self.text_encoder(ids, mask)
+        else:
+            emb = self.text_encoder(ids, mask)
         length = int(mask.gt(0).sum(dim=1)[0])
         emb[:, length:] = 0
         return emb.to(self.torch_dtype)
@@ -196,14 +215,17 @@ class Ex4dPipeline(_pipeline_base()):
         kwargs = dict(dit=self.dit, latents=latents.to(self.torch_dtype),
                       timestep=timestep.to(dtype=torch.float32, device=self.device),
                       clip_feature=cond.clip_feature, y=cond.y, video_tokens=cond.video_tokens)
+        if self.step_cache is not None:
+            kwargs["step_cache"] = self.step_cache
         if cond.negative_context is None or cond.cfg == 1.0:
-            return self.model_fn(context=cond.context, **kwargs).float()
+            return self.model_fn(context=cond.context, cache_key="posi", **kwargs).float()
         if self.batch_cfg and cond.context.shape == cond.negative_context.shape:
-            both = self.model_fn(context=torch.cat([cond.context, cond.negative_context]), **kwargs).float()
+            both = self.model_fn(context=torch.cat([cond.context, cond.negative_context]), cache_key="cfg_pair",
+                                 **kwargs).float()
             positive, negative = both[:1], both[1:]
         else:
-            positive = self.model_fn(context=cond.context, **kwargs).float()
-            negative = self.model_fn(context=cond.negative_context, **kwargs).float()
+            positive = self.model_fn(context=cond.context, cache_key="posi", **kwargs).float()
+            negative = self.model_fn(context=cond.negative_context, cache_key="nega", **kwargs).float()
         return negative + cond.cfg * (positive - negative)
 
     @torch.no_grad()
@@ -217,9 +239,13 @@ class Ex4dPipeline(_pipeline_base()):
         total = total_steps or steps
         if progress is not None:
             progress("denoise", step_offset, total)
+        if self.step_cache is not None:
+            self.step_cache.start(len(self.scheduler.timesteps), step_offset)
         for index, timestep in enumerate(self.scheduler.timesteps):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("generation cancelled")
+            if self.step_cache is not None:
+                self.step_cache.set_step(index)
             noise_pred = self.predict_noise(latents, timestep[None], cond)
             latents = self.scheduler.step(noise_pred, timestep, latents)
             if progress is not None:
@@ -258,10 +284,16 @@ class Ex4dPipeline(_pipeline_base()):
 
 def assemble_pipeline(components, *, device: str | torch.device, dtype: torch.dtype, adapter_state: dict | None = None,
                       adapter_path: str = "<memory>", memory_mode: str = "resident", lora: bool = True,
-                      vram_limit_gb: float | None = None) -> Ex4dPipeline:
-    """Put components into an Ex4dPipeline: LoRA, strict adapter load, then the memory mode."""
+                      vram_limit_gb: float | None = None, speed: str = "reference", notice=None) -> Ex4dPipeline:
+    """Put components into an Ex4dPipeline: LoRA, strict adapter load, the memory mode, then the speed
+    levers (:mod:`ex4d.generate.speed`; ``reference`` here, ``fast`` is the product's default)."""
+    import warnings
+
     from .adapter import add_lora, load_adapter, randomize_adapter_
     from .memory import apply_memory_mode
+    from .speed import finish_speed, plan_speed
+
+    plan = plan_speed(speed, memory_mode, device)  # validates speed before any weight moves
 
     pipe = Ex4dPipeline(device=device, torch_dtype=dtype)
     dit = components.dit
@@ -277,5 +309,7 @@ def assemble_pipeline(components, *, device: str | torch.device, dtype: torch.dt
     pipe.vae = components.vae
     pipe.condition_encoder = components.condition_encoder
     pipe.tokenizer = components.tokenizer
-    apply_memory_mode(pipe, memory_mode, vram_limit_gb=vram_limit_gb)
+    apply_memory_mode(pipe, memory_mode, vram_limit_gb=vram_limit_gb, fp8_matmul=plan.fp8_matmul,
+                      fp8_weight_only=plan.fp8_weight_only)
+    finish_speed(pipe, plan, notice=notice or warnings.warn)
     return pipe
