@@ -110,16 +110,31 @@ def test_bench_arguments_and_tiny_cpu_run(tmp_path, capsys, one_thread):
     finally:
         sys.path.remove(str(REPO / "bench"))
     args = generate_gpu.parse_args(["--mode", "fp8"])
-    assert (args.mode, args.steps, args.frames, args.width, args.height, args.cfg) == ("fp8", 25, 49, 512, 512, 5.0)
-    with pytest.raises(SystemExit):
-        generate_gpu.parse_args(["--size", "500x500"])
-    with pytest.raises(SystemExit):
-        generate_gpu.parse_args(["--mode", "swap"])
-    code = generate_gpu.main(["--tiny", "--device", "cpu", "--steps", "2", "--frames", "5", "--size", "32x32",
-                              "--json-out", str(tmp_path / "r.json")])
-    report = json.loads((tmp_path / "r.json").read_text())
-    assert code == 0 and report["ok"], report.get("error")
-    assert report["arch"] == "tiny" and report["output_shape"] == [5, 32, 32, 3]
-    for key in ("seconds_per_step", "total_seconds", "encode_seconds", "decode_seconds", "build_seconds"):
-        assert report[key] >= 0
-    assert json.loads(capsys.readouterr().out)["ok"]
+    assert (args.steps, args.frames, args.width, args.height, args.cfg) == (25, 49, 512, 512, 5.0)
+    assert [c["mode"] for c in args.config_list] == ["fp8"]
+    args = generate_gpu.parse_args(["--configs", "resident,resident/reference,stream@24,offload@0/steps=5,"
+                                    "resident/preview=0.1/metric=x_mod"])
+    assert [(c["mode"], c["vram_limit"], c["speed"], c["steps"], c["preview"]) for c in args.config_list] == [
+        ("resident", None, "fast", None, 0.0), ("resident", None, "reference", None, 0.0), ("stream", 24.0, "fast", None, 0.0),
+        ("offload", 0.0, "fast", 5, 0.0), ("resident", None, "fast", None, 0.1)]
+    for bad in (["--size", "500x500"], ["--mode", "swap"], ["--configs", "fp8@3"], ["--configs", "resident/warp"]):
+        with pytest.raises(SystemExit):
+            generate_gpu.parse_args(bad)
+    out = tmp_path / "r.json"
+    code = generate_gpu.main(["--tiny", "--device", "cpu", "--steps", "3", "--frames", "5", "--size", "32x32",
+                              "--configs", "resident,stream@0,resident/preview=5/metric=x_mod", "--json-out", str(out)])
+    report = json.loads(out.read_text())
+    assert code == 0 and report["arch"] == "tiny", report
+    configs = report["configs"]
+    assert list(configs) == ["resident", "stream@0", "resident/preview=5/metric=x_mod"]
+    for entry in configs.values():
+        assert entry["ok"], entry.get("error")
+        assert entry["output_shape"] == [5, 32, 32, 3]
+        for key in ("seconds_per_step", "total_seconds", "encode_seconds", "decode_seconds", "build_seconds"):
+            assert entry[key] >= 0
+    assert configs["stream@0"]["stream_plan"]["streamed_blocks"] == 2
+    assert configs["stream@0"]["psnr_db_vs"]["resident"] > 60  # streaming changes nothing; the merged LoRA rounds once
+    preview = configs["resident/preview=5/metric=x_mod"]
+    assert preview["skipped_forwards"] == 2 and preview["forwards"] == 6  # the middle step of 3, both branches
+    assert preview["psnr_db_vs"]["resident"] < 100.0
+    assert set(json.loads(capsys.readouterr().out)["configs"]) == set(configs)
