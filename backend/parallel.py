@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 import threading
 import types
@@ -111,7 +110,12 @@ class XfuserSequenceGroup(TorchSequenceGroup):
 
     def __init__(self):
         super().__init__(None)
-        from diffsynth.utils.xfuser import all_to_all_4d, get_sequence_parallel_rank, get_sequence_parallel_world_size, get_sp_group
+        from diffsynth.utils.xfuser import (
+            all_to_all_4d,
+            get_sequence_parallel_rank,
+            get_sequence_parallel_world_size,
+            get_sp_group,
+        )
 
         self._a2a = all_to_all_4d
         self._sp = get_sp_group()
@@ -168,32 +172,12 @@ def usp_ex4d_model_fn(dit, latents, timestep, context, clip_feature, y, video_to
     """``ex4d_model_fn`` with the token sequence split over ``sp``'s ranks (see the module docstring)."""
     import torch
     import torch.nn.functional as F
-    from diffsynth.models.wan_video_dit import sinusoidal_embedding_1d
-    from einops import rearrange
 
-    t = dit.time_embedding(sinusoidal_embedding_1d(dit.freq_dim, timestep.float()).to(latents.dtype))
-    t_mod = dit.time_projection(t).unflatten(1, (6, dit.dim))
-    context = dit.text_embedding(context)
-    batch = context.shape[0]
-    x = torch.cat([latents, y], dim=1)
-    if x.shape[0] != batch:
-        x = x.expand(batch, *x.shape[1:])
-    clip_embedding = dit.img_emb(clip_feature)
-    if clip_embedding.shape[0] != batch:
-        clip_embedding = clip_embedding.expand(batch, *clip_embedding.shape[1:])
-    context = torch.cat([clip_embedding, context], dim=1)
+    from ex4d.generate.pipeline import embed_dit_inputs
 
-    x = dit.patch_embedding(x)
-    f, h, w = x.shape[2:]
-    x = rearrange(x, "b c f h w -> b (f h w) c").contiguous()
-    if video_tokens is not None:
-        x = x + video_tokens  # EX-4D condition tokens: added to the FULL sequence, before the split
-    freqs = torch.cat([
-        dit.freqs[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
-        dit.freqs[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
-        dit.freqs[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
-    ], dim=-1).reshape(f * h * w, 1, -1).to(x.device)
-
+    # EX-4D condition tokens are added to the FULL sequence inside embed_dit_inputs, before the split.
+    x, t, t_mod, context, freqs, (f, h, w) = embed_dit_inputs(dit, latents, timestep, context, clip_feature, y,
+                                                              video_tokens)
     S = x.shape[1]
     chunk = math.ceil(S / sp.world)
     pad = chunk * sp.world - S

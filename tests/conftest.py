@@ -7,6 +7,8 @@ one pixel per frame. 64x48 pixels, 6 frames, 24 fps, focal 56 px.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,20 @@ import numpy as np
 import pytest
 
 SHARED_DIR = Path(__file__).parents[1].parent / "shared"
+
+# Tiny-model artefacts (offline tokenizer, etc.) shared by every test process.
+os.environ.setdefault("EX4D_CACHE_DIR", str(Path(tempfile.gettempdir()) / "ex4d-test-cache"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny CPU kernels: one thread is fastest and keeps timings stable on a shared machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 FLOWER_DIR = SHARED_DIR / "data" / "ex4d-flower"
 
 

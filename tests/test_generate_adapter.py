@@ -3,29 +3,29 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("EX4D_CACHE_DIR", str(Path(tempfile.gettempdir()) / "ex4d-test-cache"))
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffsynth")
 pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CPU kernels: one thread is fastest and keeps timings stable on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from ex4d.errors import WeightsError  # noqa: E402
-from ex4d.generate.adapter import (LAYOUT_FLAT, LAYOUT_PREFIXED, AdapterCheckpointError, VideoConditionEncoder,  # noqa: E402
-                                   add_lora, adapter_state_dict, load_adapter, lora_modules, merge_lora, read_state_dict)
+from ex4d.generate.adapter import (  # noqa: E402
+    LAYOUT_FLAT,
+    LAYOUT_PREFIXED,
+    AdapterCheckpointError,
+    VideoConditionEncoder,
+    adapter_state_dict,
+    add_lora,
+    load_adapter,
+    lora_modules,
+    merge_lora,
+    read_state_dict,
+)
 from ex4d.generate.architectures import ARCHITECTURES, make_condition_encoder, make_dit  # noqa: E402
 from ex4d.generate.pipeline import ex4d_model_fn  # noqa: E402
 

@@ -4,15 +4,11 @@ argument parsing and tiny CPU path."""
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-os.environ.setdefault("EX4D_CACHE_DIR", str(Path(tempfile.gettempdir()) / "ex4d-test-cache"))
 
 from ex4d.cli import main  # noqa: E402
 from ex4d.video import read_video, write_video  # noqa: E402

@@ -6,14 +6,8 @@ support probes replaced, their fall-backs for real. Timings: bench/generate_gpu.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-os.environ.setdefault("EX4D_CACHE_DIR", str(Path(tempfile.gettempdir()) / "ex4d-test-cache"))
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffsynth")
@@ -21,16 +15,14 @@ pytest.importorskip("peft")
 
 from ex4d.errors import InputError  # noqa: E402
 from ex4d.generate import accel, load_generator  # noqa: E402
-from ex4d.generate.preview_cache import PreviewCache, rising_limit, TEACACHE_WAN21_I2V_480P  # noqa: E402
+from ex4d.generate.preview_cache import (  # noqa: E402
+    TEACACHE_WAN21_I2V_480P,
+    PreviewCache,
+    rising_limit,
+)
 from ex4d.generate.speed import plan_speed  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,28 +7,17 @@ release-layout adapter state dict.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-os.environ.setdefault("EX4D_CACHE_DIR", str(Path(tempfile.gettempdir()) / "ex4d-test-cache"))
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffsynth")
 pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny CPU kernels: one thread is fastest and keeps timings stable on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from ex4d.errors import Cancelled, InputError  # noqa: E402
 from ex4d.generate import load_generator  # noqa: E402

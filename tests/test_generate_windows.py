@@ -3,14 +3,8 @@ and seeded random initialisation of the tiny instances."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-os.environ.setdefault("EX4D_CACHE_DIR", str(Path(tempfile.gettempdir()) / "ex4d-test-cache"))
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffsynth")
@@ -19,13 +13,7 @@ pytest.importorskip("peft")
 from ex4d.generate import load_generator  # noqa: E402
 from ex4d.generate.windows import plan_windows  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,16 +32,13 @@ from .settings import RELEASE_SIGMA_SHIFT
 ProgressFn = Callable[..., None]
 
 
-def ex4d_model_fn(dit, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                  clip_feature: torch.Tensor, y: torch.Tensor, video_tokens: torch.Tensor | None = None,
-                  step_cache=None, cache_key: str = "posi", **_unused) -> torch.Tensor:
-    """Wan I2V DiT forward with the EX-4D condition tokens added after patch embedding.
+def embed_dit_inputs(dit, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                     clip_feature: torch.Tensor, y: torch.Tensor, video_tokens: torch.Tensor | None = None):
+    """Everything of the Wan I2V DiT forward before its blocks, with the EX-4D condition tokens added
+    to the patch tokens (the full sequence: a sequence-parallel caller splits after this).
 
-    Batched CFG: pass ``context`` with batch 2 (posi, nega); latents/y/clip/video_tokens of batch 1 are
-    broadcast. ``timestep`` has shape (1,), preferably float32 (any float dtype works).
-
-    ``step_cache`` (a :class:`~ex4d.generate.preview_cache.PreviewCache`, opt-in) may replace the block
-    stack by the residual it stored for ``cache_key`` (one state per CFG branch or batched pair).
+    Returns (x (b,S,dim) tokens, t (b,dim) time embedding, t_mod (b,6,dim), context (b,L,dim) with the
+    CLIP tokens in front, freqs (S,1,d) RoPE, (f, h, w) patch grid).
     """
     from diffsynth.models.wan_video_dit import sinusoidal_embedding_1d
 
@@ -71,6 +68,22 @@ def ex4d_model_fn(dit, latents: torch.Tensor, timestep: torch.Tensor, context: t
         dit.freqs[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
         dit.freqs[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
     ], dim=-1).reshape(f * h * w, 1, -1).to(x.device)
+    return x, t, t_mod, context, freqs, (f, h, w)
+
+
+def ex4d_model_fn(dit, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                  clip_feature: torch.Tensor, y: torch.Tensor, video_tokens: torch.Tensor | None = None,
+                  step_cache=None, cache_key: str = "posi", **_unused) -> torch.Tensor:
+    """Wan I2V DiT forward with the EX-4D condition tokens added after patch embedding.
+
+    Batched CFG: pass ``context`` with batch 2 (posi, nega); latents/y/clip/video_tokens of batch 1 are
+    broadcast. ``timestep`` has shape (1,), preferably float32 (any float dtype works).
+
+    ``step_cache`` (a :class:`~ex4d.generate.preview_cache.PreviewCache`, opt-in) may replace the block
+    stack by the residual it stored for ``cache_key`` (one state per CFG branch or batched pair).
+    """
+    x, t, t_mod, context, freqs, (f, h, w) = embed_dit_inputs(dit, latents, timestep, context, clip_feature, y,
+                                                              video_tokens)
 
     if step_cache is not None and step_cache.should_skip(cache_key, step_cache.probe(dit, x, t, t_mod), x):
         x = step_cache.reuse(cache_key, x)
