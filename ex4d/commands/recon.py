@@ -14,6 +14,19 @@ PRESET_HELP = (
 )
 
 
+def add_camera_arguments(c) -> None:
+    """The camera move and the source lens (shared by ``recon``/``run`` and ``client run``)."""
+    cam = c.add_mutually_exclusive_group()
+    cam.add_argument("--cam", metavar="PRESET", help=PRESET_HELP)
+    cam.add_argument("--trajectory", metavar="JSON", help="camera path as transforms.json, one camera per video frame")
+    c.add_argument("--angle", type=float, metavar="DEG", help="orbit angle for orbit_* presets (default 30, at most 90)")
+    c.add_argument("--distance", type=float, help="move length for zoom/dolly/crane presets (default: a share of the pivot depth)")
+    c.add_argument("--pivot", choices=("median", "ex4d"), default="median", help="orbit pivot: median depth of frame 0 (default) or EX-4D's min depth + 0.15")
+    f = c.add_mutually_exclusive_group()
+    f.add_argument("--focal", type=float, metavar="PX", help="source focal length in pixels of the input video")
+    f.add_argument("--fov", type=float, metavar="DEG", help="source horizontal field of view in degrees")
+
+
 def register(sub) -> None:
     recon = sub.add_parser(
         "recon",
@@ -55,16 +68,7 @@ def add_recon_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--depth-weights", metavar="DIR", help="folder with the depth model's weights")
     d.add_argument("--median-depth", type=float, metavar="UNITS", help="with --depth-model: scale the (relative) depth so its median is this many units (default: the model mapping's own units)")
 
-    c = p.add_argument_group("camera")
-    cam = c.add_mutually_exclusive_group()
-    cam.add_argument("--cam", metavar="PRESET", help=PRESET_HELP)
-    cam.add_argument("--trajectory", metavar="JSON", help="camera path as transforms.json, one camera per video frame")
-    c.add_argument("--angle", type=float, metavar="DEG", help="orbit angle for orbit_* presets (default 30, at most 90)")
-    c.add_argument("--distance", type=float, help="move length for zoom/dolly/crane presets (default: a share of the pivot depth)")
-    c.add_argument("--pivot", choices=("median", "ex4d"), default="median", help="orbit pivot: median depth of frame 0 (default) or EX-4D's min depth + 0.15")
-    f = c.add_mutually_exclusive_group()
-    f.add_argument("--focal", type=float, metavar="PX", help="source focal length in pixels of the input video")
-    f.add_argument("--fov", type=float, metavar="DEG", help="source horizontal field of view in degrees")
+    add_camera_arguments(p.add_argument_group("camera"))
 
     w = p.add_argument_group("working size")
     w.add_argument("--frames", type=int, metavar="N", help="use the first N frames (default: all)")

@@ -90,7 +90,7 @@ def register(sub) -> None:
 
 
 def add_shot_arguments(p: argparse.ArgumentParser) -> None:
-    from .recon import PRESET_HELP
+    from .recon import add_camera_arguments
 
     p.add_argument("video", help="input video")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -99,15 +99,7 @@ def add_shot_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--depth", metavar="FILE", help="depth file read here (.npz 'depth' (T,H,W), 16-bit PNGs, OpenEXR)")
     d.add_argument("--depth-model", metavar="NAME", help="let the backend estimate depth with this model")
     p.add_argument("--depth-scale", type=float, metavar="S", help="units per stored step of a 16-bit PNG depth")
-    cam = p.add_mutually_exclusive_group()
-    cam.add_argument("--cam", metavar="PRESET", help=PRESET_HELP)
-    cam.add_argument("--trajectory", metavar="JSON", help="camera path as transforms.json, one camera per video frame")
-    p.add_argument("--angle", type=float, metavar="DEG", help="orbit angle for orbit_* presets")
-    p.add_argument("--distance", type=float, help="move length for zoom/dolly/crane presets")
-    p.add_argument("--pivot", choices=("median", "ex4d"), default="median", help="orbit pivot rule")
-    f = p.add_mutually_exclusive_group()
-    f.add_argument("--focal", type=float, metavar="PX", help="source focal length in pixels")
-    f.add_argument("--fov", type=float, metavar="DEG", help="source horizontal field of view")
+    add_camera_arguments(p)
     p.add_argument("--frames", type=int, metavar="N", help="use the first N frames")
     p.add_argument("--size", metavar="WxH", help="working size (even numbers)")
     p.add_argument("--fit", choices=("resize", "crop"), default="resize", help="how to reach --size")
