@@ -1,7 +1,7 @@
 """CPU checks of the speed/memory levers (ex4d.generate.accel / offload) on a tiny real diffsynth WanModel.
 
 Every lever must fall back cleanly where it cannot run (FP8, cuDNN, compile on CPU) and the ones that run
-must compute the same function as diffsynth's code. No timing here (see bench/ and docs/bench-perf.md).
+must compute the same function as diffsynth's code. No timing here (see bench/ and docs/benchmarks.md).
 """
 
 from __future__ import annotations

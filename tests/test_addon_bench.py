@@ -1,5 +1,5 @@
 """Measurement at EX-4D's size (512x512, 49 frames): DW-mesh import, playback cost per frame, save +
-reload, frame reading and one guide frame. Numbers go to docs/bench-addon.md."""
+reload, frame reading and one guide frame. Numbers go to docs/benchmarks.md."""
 
 from __future__ import annotations
 

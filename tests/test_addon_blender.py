@@ -33,7 +33,7 @@ def run(tmp_path_factory):
     report = tmp / "workflow.json"
     assert report.exists(), f"Blender script failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     data = json.loads(report.read_text())
-    if os.environ.get("EX4D_KEEP_ADDON_REPORT"):  # for docs/bench-addon.md
+    if os.environ.get("EX4D_KEEP_ADDON_REPORT"):  # for docs/benchmarks.md
         shutil.copy(report, os.environ["EX4D_KEEP_ADDON_REPORT"])
     data["wall_s"] = wall
     data["tmp"] = tmp

@@ -1,7 +1,7 @@
 """Product speed settings, memory mode ``stream`` and the preview step cache on the tiny pipeline (CPU).
 
 GPU-only levers (cuDNN attention, FP8 matmuls, compile) cannot run here: their plans are checked with the
-support probes replaced, their fall-backs for real. Timings: bench/generate_gpu.py, docs/bench-generate.md.
+support probes replaced, their fall-backs for real. Timings: bench/generate_gpu.py, docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 ALL_LEVERS = ("cudnn_attention", "fused_rope", "fp8_ffn", "fp8", "compile")
 # fp8 (every token-wise linear) drifts past the 0.99 per-step cosine bar on the CFG-combined prediction
-# (measured 0.984 on random weights, docs/bench-perf.md); FP8 in the FFN only stays at 0.995.
+# (measured 0.984 on random weights, docs/benchmarks.md); FP8 in the FFN only stays at 0.995.
 DEFAULT_LEVERS = ("cudnn_attention", "fused_rope", "fp8_ffn", "compile")
 FFN_LINEARS = ("ffn.0", "ffn.2")
 

@@ -17,7 +17,7 @@
   stream (:class:`~ex4d.generate.offload.BlockOffloader`); when not everything fits, the umT5 text
   encoder lives in pinned host memory and visits the GPU only while it encodes
   (:class:`~ex4d.generate.offload.ModuleSwapper`). Measured 22.7 GiB peak under 24 and 15.3 under 16 at
-  1.02-1.03x the resident time (docs/bench-perf.md). The plan is a budget, not a hard cap.
+  1.02-1.03x the resident time (docs/benchmarks.md). The plan is a budget, not a hard cap.
 
 ``fp8_matmul`` / ``fp8_weight_only`` (from :func:`ex4d.generate.speed.plan_speed`) name the block linears
 that become FP8 modules; the memory mode converts them, block by block on the device, because it decides

@@ -50,12 +50,12 @@ WINDOW_OVERLAP = 8
 MEMORY_MODES = ("resident", "offload", "fp8", "stream")
 GENERATOR_NAMES = ("ex4d", "draft", "tiny")
 
-# Speed: "fast" = the levers measured in `ex4d bench` (docs/bench-perf.md), "reference" = the release's way.
+# Speed: "fast" = the levers measured in `ex4d bench` (docs/benchmarks.md), "reference" = the release's way.
 SPEEDS = ("fast", "reference")
 DEFAULT_SPEED = "fast"
 
 # Memory mode "stream": GPU memory kept free beside the weights for the activations of a 512x512x49 shot
-# (largest stage: text encoding / VAE decode; measured in the 24 and 16 GiB runs of docs/bench-perf.md).
+# (largest stage: text encoding / VAE decode; measured in the 24 and 16 GiB runs of docs/benchmarks.md).
 STREAM_ACTIVATION_RESERVE_GIB = 2.5
 # ... and what the CUDA context and allocator slack take when the budget is the whole card.
 STREAM_CARD_RESERVE_GIB = 1.0

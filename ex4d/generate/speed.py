@@ -3,7 +3,7 @@
 ``speed="reference"`` is the release's configuration: bf16, LoRA as separate fp32 layers (resident), two
 CFG passes, default attention, diffsynth's block forward, no compile.
 
-``speed="fast"`` (the default) uses the levers measured in ``ex4d bench`` (docs/bench-perf.md) as far as
+``speed="fast"`` (the default) uses the levers measured in ``ex4d bench`` (docs/benchmarks.md) as far as
 the memory mode, the device and this torch allow; each lever that cannot run falls back with a one-line
 notice (levers skipped for the same reason share one line):
 
