@@ -220,6 +220,37 @@ def test_send_to_timeline(run):
         assert (x["start"], x["end"]) == (s["scene_range"][0], s["scene_range"][1] + 1) == (1, 10)
 
 
+def test_generate_reads_the_guides_stepwise_and_cancels_cleanly(run):
+    """Generate returns at once; the guide PNGs are read a few frames per timer step (progress in the
+    panel), then sent; Cancel while reading sends nothing and frees the panel."""
+    s = ok(run, "generate")
+    assert s["result"] == ["FINISHED"] and s["op_s"] < 1.0
+    assert s["stage_after_op"][:3] == ["reading the guides", 0, 9] and s["stage_after_op"][3] == ""
+    assert s["reading_steps"] and len(set(s["reading_steps"])) >= 2, s["reading_steps"]
+    assert "generate: reading the guides" in str(s["ui_busy"]["panels"]["Guides and Generation"])
+    s = ok(run, "cancel_while_reading_guides")
+    assert s["result"] == ["FINISHED"] and s["stage"] == "reading the guides"
+    assert 0 < s["step_before_cancel"] < s["total"]
+    assert s["cancel"] == ["FINISHED"] and s["state"] == "cancelled" and s["message"] == "generate cancelled"
+    assert s["job_id"] == "" and s["pending"] == 0 and s["local"] == 0  # nothing sent, nothing left running
+
+
+def test_reconstruct_after_reload_reads_frames_stepwise(run):
+    """A reopened .blend has no frames in memory: Reconstruct returns at once, re-reads them from the
+    movie over several timer steps (Cancel meanwhile sends nothing, leaves no temporary scene), then sends."""
+    s = ok(run, "reconstruct_after_reload_reads_stepwise")
+    assert s["result"] == ["FINISHED"] and s["op_s"] < 1.0
+    assert s["stage_after_op"] == ["reading frames", 0, 9, ""], s["stage_after_op"]
+    assert 0 < s["step_before_cancel"] < 9
+    assert s["cancel"] == ["FINISHED"] and s["cancelled_state"] == "cancelled" and s["cancelled_job_id"] == ""
+    assert s["pending"] == 0 and s["local"] == 0 and s["mesh_kept"] and s["cached_after_cancel"] == 0
+    assert s["scenes"][0] == s["scenes"][1]  # the reader's temporary scene is gone
+    assert len(set(s["reading_steps"])) >= 2, s["reading_steps"]
+    assert s["state"] == "done", s["message"]
+    assert "building the DW-mesh" in s["stages"] and s["new_mesh"]
+    assert s["frames_max_diff"] == 0  # the same frames Import Video read
+
+
 def test_cancel_remote_and_local(run):
     s = ok(run, "cancel_remote")
     assert s["state"] == "cancelled" and s["cancel_to_stop_s"] < 30

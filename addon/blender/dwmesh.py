@@ -16,6 +16,7 @@ import bpy
 import numpy as np
 from mathutils import Matrix
 
+from . import jobs
 from ..core import camera, validity
 from ..core.cameras import lens_from_K
 
@@ -197,7 +198,7 @@ def create_dwmesh_object(scene, shot: str, rig, vertices, faces, uv_source, face
     return build.obj
 
 
-class DWMeshBuild:
+class DWMeshBuild(jobs.LocalSteps):
     """Builds the DW-mesh object a piece per ``step()`` (mesh and attributes, then KEYS_PER_STEP shape
     keys, then the first mask), so applying a 512x512x49 reconstruction (4.6-7.7 s in one go) leaves the
     UI responsive. The object joins the scene in the last step; ``finish()`` before that (cancel, error)
@@ -240,19 +241,8 @@ class DWMeshBuild:
         obj.matrix_parent_inverse = Matrix.Identity(4)
         self.obj, self._made = obj, []
 
-    def step(self) -> bool:
-        """Build the next piece; True while pieces remain."""
-        if self.obj is not None:
-            return False
-        try:
-            self.t = next(self._steps)
-        except StopIteration:
-            self.t = self.num_frames
-            return False
-        return True
-
     def finish(self) -> None:
-        self._steps.close()
+        super().finish()
         for collection, block in self._made:  # not finished: leave nothing half-built behind
             try:
                 collection.remove(block)

@@ -19,7 +19,7 @@ import tempfile
 import bpy
 import numpy as np
 
-from . import dwmesh, video
+from . import dwmesh, jobs, video
 from ..core import errors, validity
 
 
@@ -153,14 +153,45 @@ class GuideRender:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 
+class GuideReader(jobs.LocalSteps):
+    """Reads a guides folder, FRAMES_PER_STEP frames (colour + mask PNGs) per ``step()``, so Generate
+    leaves the UI responsive: ``color`` (T,H,W,3) uint8 and ``mask`` (T,H,W) bool once done. A missing
+    file is reported at once, before anything is read."""
+
+    stage = "reading the guides"
+    FRAMES_PER_STEP = 4
+
+    def __init__(self, guides_dir: str, num_frames: int):
+        self.guides_dir, self.num_frames, self.t = guides_dir, int(num_frames), 0
+        self.color = self.mask = None
+        self.paths = []
+        for t in range(self.num_frames):
+            c = os.path.join(guides_dir, f"color_{t + 1:04d}.png")
+            m = os.path.join(guides_dir, f"mask_{t + 1:04d}.png")
+            if not (os.path.isfile(c) and os.path.isfile(m)):
+                raise errors.InputError(f"guides in {guides_dir} are incomplete (frame {t + 1} missing): "
+                                        "render the guides again")
+            self.paths.append((c, m))
+        self._steps = self._read()
+
+    def _read(self):
+        for t, (c, m) in enumerate(self.paths):
+            color = video.load_png_rgb(c)
+            mask = video.load_png_rgb(m)[..., 0] > 127
+            if self.color is None:
+                self.color = np.empty((self.num_frames, *color.shape), dtype=np.uint8)
+                self.mask = np.empty((self.num_frames, *mask.shape), dtype=bool)
+            if color.shape != self.color.shape[1:] or mask.shape != self.mask.shape[1:]:
+                raise errors.InputError(f"guides in {self.guides_dir} change size at frame {t + 1}: "
+                                        "render the guides again")
+            self.color[t], self.mask[t] = color, mask
+            if (t + 1) % self.FRAMES_PER_STEP == 0 and t + 1 < self.num_frames:
+                yield t + 1
+
+
 def load_guides(guides_dir: str, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """color (T,H,W,3) uint8 and mask (T,H,W) bool from a guides folder."""
-    color, mask = [], []
-    for t in range(num_frames):
-        c = os.path.join(guides_dir, f"color_{t + 1:04d}.png")
-        m = os.path.join(guides_dir, f"mask_{t + 1:04d}.png")
-        if not (os.path.isfile(c) and os.path.isfile(m)):
-            raise errors.InputError(f"guides in {guides_dir} are incomplete (frame {t + 1} missing): render the guides again")
-        color.append(video.load_png_rgb(c))
-        mask.append(video.load_png_rgb(m)[..., 0] > 127)
-    return np.stack(color), np.stack(mask)
+    """color (T,H,W,3) uint8 and mask (T,H,W) bool from a guides folder, in one go (scripts)."""
+    reader = GuideReader(guides_dir, num_frames)
+    while reader.step():
+        pass
+    return reader.color, reader.mask

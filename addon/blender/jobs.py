@@ -177,10 +177,8 @@ def _start(props, kind: str, job_id: str) -> None:
     props.job_stage, props.job_step, props.job_total, props.job_message = "queued", 0, 0, ""
 
 
-def submit(scene, kind: str, params: dict, arrays: dict) -> str:
-    """Send the job and return at once; the backend's answer (accepted, busy, error) comes to poll_once,
-    which reports a missing one after the client's submit time-out (3 s + upload time)."""
-    props = scene.ex4d
+def check_can_submit(props):
+    """Raise the one-line error that stops a submit now (busy, no connection yet, no heartbeat); the client."""
     if busy(props):
         raise errors.InputError(f"a {props.job_kind} job is still running: wait or cancel it first")
     client = require_client()
@@ -189,6 +187,14 @@ def submit(scene, kind: str, params: dict, arrays: dict) -> str:
     if RT.lost_reported:
         raise errors.ConnectionLost(f"the backend at {props.address} is not answering (no heartbeat): restart "
                                     "`ex4d serve` and press Connect")
+    return client
+
+
+def submit(scene, kind: str, params: dict, arrays: dict) -> str:
+    """Send the job and return at once; the backend's answer (accepted, busy, error) comes to poll_once,
+    which reports a missing one after the client's submit time-out (3 s + upload time)."""
+    props = scene.ex4d
+    client = check_can_submit(props)
     job_id = client.submit_nowait(kind, params, arrays)
     limit = client.submit_timeout_s(arrays)
     RT.pending_submit[job_id] = (time.monotonic() + limit, limit)
@@ -199,13 +205,18 @@ def submit(scene, kind: str, params: dict, arrays: dict) -> str:
 
 
 def start_local(scene, kind: str, worker) -> None:
-    """A job run inside Blender (the guide render): ``worker.step()`` per tick, ``worker.finish()`` at the end."""
+    """A job run inside Blender (the guide render): ``worker.step()`` per tick, ``worker.finish()`` at the end.
+    A worker with a ``then(scene, worker)`` prepares a remote job of ``kind`` (reads its input): once it
+    is done, ``then`` sends that job (``submit``) and the job goes on as any remote one; cancelled
+    before, nothing was sent."""
     props = scene.ex4d
     if busy(props):
         raise errors.InputError(f"a {props.job_kind} job is still running: wait or cancel it first")
+    if getattr(worker, "then", None) is not None:
+        check_can_submit(props)  # refused now, not after reading
     RT.local[scene.name] = worker
     _start(props, kind, "")
-    props.job_total = worker.num_frames
+    props.job_stage, props.job_total = getattr(worker, "stage", "working"), worker.num_frames
     ensure_timer()
 
 
@@ -306,7 +317,8 @@ def on_load_post(*_args) -> None:
     RT.local.clear()
     for scene in bpy.data.scenes:
         props = getattr(scene, "ex4d", None)
-        if props is not None and busy(props) and props.job_kind not in REMOTE_KINDS:
+        if props is not None and busy(props) and (props.job_kind not in REMOTE_KINDS or not props.job_id):
+            # (a remote job without an id was still reading its input: it was never sent)
             props.job_state = props.job_stage = "cancelled"
             props.job_message = f"{props.job_kind} interrupted (the file was saved while it ran): run it again"
 
@@ -329,7 +341,10 @@ def poll_once(scene) -> None:
             if not more:
                 RT.local.pop(scene.name, None)
                 worker.finish()
-                _job_done(scene, worker)
+                if getattr(worker, "then", None) is not None:
+                    _send_prepared(scene, worker)
+                else:
+                    _job_done(scene, worker)
         except Exception as e:  # a failed render must never leave the job "running" (UI stuck)
             RT.local.pop(scene.name, None)
             worker.finish()
@@ -414,6 +429,17 @@ def poll_once(scene) -> None:
         RT.lost_reported = False
 
 
+def _send_prepared(scene, worker) -> None:
+    """The input of a remote job is read (a local job with ``then``): send the job."""
+    props = scene.ex4d
+    props.job_state = "sending"  # not "running": submit refuses a busy scene, and starts the job itself
+    try:
+        worker.then(scene, worker)
+    except Exception as e:
+        props.job_state = "running"
+        _apply_failed(props, e, False)
+
+
 def _owned_elsewhere(job_id: str, scene) -> bool:
     return any(sc.ex4d.job_id == job_id and sc != scene for sc in bpy.data.scenes)
 
@@ -426,6 +452,32 @@ def progress_text(props) -> str:
             return f"{props.job_kind}: {props.job_stage} {props.job_step}/{props.job_total}"
         return f"{props.job_kind}: {props.job_stage}"
     return props.job_message
+
+
+class LocalSteps:
+    """A local job written as a generator: ``step()`` runs ``self._steps`` to its next ``yield t`` (frames
+    done so far, for the panel) and says True until it is exhausted; ``finish()`` closes it, so its
+    ``finally`` blocks clean up when it is cancelled or fails halfway. Subclasses set ``stage``,
+    ``num_frames`` and ``_steps`` (dwmesh.DWMeshBuild, workflow.ShotWriter, guides.GuideReader)."""
+
+    stage = "working"
+    num_frames = 0
+    t = 0
+    _steps = iter(())
+
+    def step(self) -> bool:
+        """Do the next piece; True while pieces remain."""
+        try:
+            self.t = next(self._steps)
+        except StopIteration:
+            self.t = self.num_frames
+            return False
+        return True
+
+    def finish(self) -> None:
+        close = getattr(self._steps, "close", None)
+        if close is not None:
+            close()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -87,11 +87,35 @@ def import_video(scene, filepath: str, **kwargs) -> str:
 
 
 def shot_frames(props) -> np.ndarray:
+    """The shot's frames, from the cache or re-read in one go (scripts; Reconstruct reads them stepwise)."""
     key = _cache_key(props)
     if key not in _FRAMES_CACHE:
-        _FRAMES_CACHE.clear()
-        _FRAMES_CACHE[key] = video.read_frames(props.video_path, props.first_frame, props.num_frames, props.width, props.height)
+        _keep_frames(props, video.read_frames(props.video_path, props.first_frame, props.num_frames, props.width,
+                                              props.height))
     return _FRAMES_CACHE[key]
+
+
+def _keep_frames(props, frames) -> None:
+    _FRAMES_CACHE.clear()
+    _FRAMES_CACHE[_cache_key(props)] = frames
+
+
+def _shot_reader(props):
+    """A FrameReader for the shot's frames (after a reload they are not cached): a local job's worker."""
+    return video.FrameReader(props.video_path, props.first_frame, props.num_frames, props.width, props.height)
+
+
+def send_after(scene, kind: str, worker, then) -> str:
+    """Run ``worker`` (reading a job's input) a few frames per timer step, then ``then(scene, worker)``
+    sends the job: the operator returns at once, the panel shows the reading's progress, and Cancel
+    before the end sends nothing. Returns "" (the job id comes with the submit)."""
+    worker.then = then
+    try:
+        jobs.start_local(scene, kind, worker)
+    except BaseException:
+        worker.finish()
+        raise
+    return ""
 
 
 def require_shot(props) -> None:
@@ -141,9 +165,12 @@ def read_depth_file(path: str, props) -> dict:
 
 
 def submit_reconstruct(scene, depth_path: str = "", depth_model: str = "") -> str:
+    """Send the shot (its frames, and the depth file's content). Frames not in memory (a reopened .blend)
+    are read from the movie first, a few per timer step (``send_after``): then it returns ""."""
     props = scene.ex4d
     require_shot(props)
-    arrays = {"frames": shot_frames(props)}
+    jobs.check_can_submit(props)
+    arrays = {}
     if depth_path:
         depth = read_depth_file(depth_path, props)
         arrays["depth"] = depth["depth"]
@@ -154,7 +181,15 @@ def submit_reconstruct(scene, depth_path: str = "", depth_model: str = "") -> st
     params = {"K": cameras.shot_K(props).tolist(), "name": props.shot_name}
     if depth_model:
         params["depth_model"] = depth_model
-    return jobs.submit(scene, "reconstruct", params, arrays)
+    frames = _FRAMES_CACHE.get(_cache_key(props))
+    if frames is not None:
+        return jobs.submit(scene, "reconstruct", params, {"frames": frames, **arrays})
+
+    def then(sc, reader):
+        _keep_frames(sc.ex4d, reader.frames)
+        jobs.submit(sc, "reconstruct", params, {"frames": reader.frames, **arrays})
+
+    return send_after(scene, "reconstruct", _shot_reader(props), then)
 
 
 def apply_reconstruct(scene, result):
@@ -259,10 +294,13 @@ def submit_generate(scene) -> str:
     require_shot(props)
     if not props.guides_dir:
         raise errors.InputError("render the guides first (EX-4D tab > Render Guides)")
-    color, mask = guides.load_guides(props.guides_dir, props.num_frames)
+    jobs.check_can_submit(props)
     params = {"prompt": props.prompt, "seed": props.seed, "fps": props.fps, "name": f"{props.shot_name}_{props.guides_camera}"}
-    arrays = {"color": color, "mask": mask}
-    return jobs.submit(scene, "generate", params, arrays)
+
+    def then(sc, reader):  # the guide PNGs are read a few frames per timer step, then sent
+        jobs.submit(sc, "generate", params, {"color": reader.color, "mask": reader.mask})
+
+    return send_after(scene, "generate", guides.GuideReader(props.guides_dir, props.num_frames), then)
 
 
 def _sync_to_disk(paths, folder: str) -> None:
@@ -285,7 +323,7 @@ def _sync_to_disk(paths, folder: str) -> None:
         os.close(fd)
 
 
-class ShotWriter:
+class ShotWriter(jobs.LocalSteps):
     """Writes the generated frames as ``out/shot_####.png``, FRAMES_PER_STEP per ``step()`` (a local job,
     so the UI stays responsive), then fsyncs them: only then may the backend drop its copy."""
 
@@ -296,20 +334,17 @@ class ShotWriter:
         self.frames, self.out, self.job_id = np.asarray(frames, dtype=np.uint8), out, job_id
         self.num_frames, self.t = len(self.frames), 0
         self.paths = [os.path.join(out, f"shot_{t + 1:04d}.png") for t in range(self.num_frames)]
+        self._steps = self._write()
 
-    def step(self) -> bool:
+    def _write(self):
         try:
-            for t in range(self.t, min(self.t + self.FRAMES_PER_STEP, self.num_frames)):
+            for t in range(self.num_frames):
                 video.save_png_rgb(self.paths[t], self.frames[t])
-                self.t = t + 1
-            if self.t == self.num_frames:
-                _sync_to_disk(self.paths, self.out)
+                if (t + 1) % self.FRAMES_PER_STEP == 0 and t + 1 < self.num_frames:
+                    yield t + 1
+            _sync_to_disk(self.paths, self.out)
         except (OSError, RuntimeError) as e:  # RuntimeError: Blender's image save
             raise errors.Ex4dError(f"could not write the generated frames to {self.out}: {e}") from None
-        return self.t < self.num_frames
-
-    def finish(self) -> None:
-        pass
 
 
 def apply_generate(scene, result):

@@ -336,12 +336,17 @@ def _():
 
 @step("generate")
 def _():
+    t = time.perf_counter()
     res = bpy.ops.ex4d.generate()
+    op_s = time.perf_counter() - t
+    stage_after_op = [props.job_stage, props.job_step, props.job_total, props.job_id]
     seen = set()
     ui = {}
 
     def until():
         seen.add((props.job_stage, props.job_step))
+        if props.job_stage == "reading the guides":  # a few frames per timer step, then sent
+            ui.setdefault("reading", []).append(props.job_step)
         if props.job_stage == "writing the shot":  # a few PNGs per timer step
             ui.setdefault("writing", []).append(props.job_step)
         if props.job_state == "running" and props.job_total and "busy" not in ui:
@@ -351,7 +356,8 @@ def _():
     took = harness.pump(scene, until, 300)
     frames = captured["generate"].arrays["frames"]
     released = backend_job_state(props.job_id, wait_for="unknown_job")  # the PNGs are on disk: released
-    return {"writing_steps": ui.get("writing"), "ui_busy": ui.get("busy"), "released": released, "result": sorted(res), "state": props.job_state, "message": props.job_message, "took_s": took,
+    return {"op_s": op_s, "stage_after_op": stage_after_op, "reading_steps": ui.get("reading"),
+            "writing_steps": ui.get("writing"), "ui_busy": ui.get("busy"), "released": released, "result": sorted(res), "state": props.job_state, "message": props.job_message, "took_s": took,
             "progress_seen": sorted(map(list, seen)), "frames_shape": list(frames.shape), "result_dir": props.result_dir,
             "files": sorted(os.listdir(props.result_dir))}
 
@@ -418,6 +424,23 @@ def _():
     jobs.poll_once(scene)
     res = bpy.ops.ex4d.cancel()
     return {"result": sorted(res), "state": props.job_state, "engine": scene.render.engine}
+
+
+@step("cancel_while_reading_guides")
+def _():
+    """Cancel while Generate still reads the guide PNGs: nothing is sent, the panel is free again."""
+    jobs.take_messages()
+    res = bpy.ops.ex4d.generate()
+    stage = props.job_stage
+    jobs.poll_once(scene)  # one timer step: some frames read, not all
+    step_before_cancel, total = props.job_step, props.job_total
+    res_cancel = bpy.ops.ex4d.cancel()
+    for _ in range(5):  # the timer goes on: nothing arrives, nothing is sent
+        jobs.poll_once(scene)
+    return {"result": sorted(res), "stage": stage, "step_before_cancel": step_before_cancel, "total": total,
+            "cancel": sorted(res_cancel), "state": props.job_state, "message": props.job_message,
+            "job_id": props.job_id, "pending": len(jobs.RT.pending_submit), "local": len(jobs.RT.local),
+            "messages": jobs.take_messages()}
 
 
 @step("reattach_after_reload")
@@ -498,6 +521,44 @@ def _():
     bpy.ops.ex4d.cancel()
     harness.pump(sc, lambda: p.job_state != "running", 60)
     out["final_state"] = p.job_state
+    return out
+
+
+@step("reconstruct_after_reload_reads_stepwise")
+def _():
+    """After reopening a .blend the shot's frames are not in memory: Reconstruct returns at once and
+    reads them from the movie a few per timer step (Cancel meanwhile sends nothing), then sends the job."""
+    sc = bpy.context.scene
+    p = sc.ex4d
+    workflow._FRAMES_CACHE.clear()  # as in a Blender just started on the saved file
+    mesh_before, scenes_before = p.mesh, len(bpy.data.scenes)
+    t = time.perf_counter()
+    res = bpy.ops.ex4d.reconstruct(depth_file=DEPTH)
+    op_s = time.perf_counter() - t
+    out = {"result": sorted(res), "op_s": op_s, "stage_after_op": [p.job_stage, p.job_step, p.job_total, p.job_id]}
+    jobs.poll_once(sc)
+    out["step_before_cancel"] = p.job_step
+    out["cancel"] = sorted(bpy.ops.ex4d.cancel())
+    for _ in range(5):
+        jobs.poll_once(sc)
+    out.update(cancelled_state=p.job_state, cancelled_job_id=p.job_id, pending=len(jobs.RT.pending_submit),
+               local=len(jobs.RT.local), mesh_kept=p.mesh == mesh_before, scenes=[scenes_before, len(bpy.data.scenes)],
+               cached_after_cancel=len(workflow._FRAMES_CACHE))
+    res = bpy.ops.ex4d.reconstruct(depth_file=DEPTH)
+    reading, stages = [], []
+
+    def until():
+        stages.append(p.job_stage)
+        if p.job_stage == "reading frames":
+            reading.append(p.job_step)
+        return p.job_state != "running"
+
+    out["took_s"] = harness.pump(sc, until, 120)
+    frames = workflow.shot_frames(p)  # the cache the reading filled
+    ref = np.load(os.path.join(OUT, "frames_blender.npy"))
+    out.update(result2=sorted(res), reading_steps=reading, stages=sorted(set(stages)), state=p.job_state,
+               message=p.job_message, frames_max_diff=int(np.abs(frames.astype(int) - ref).max()),
+               new_mesh=p.mesh is not None and p.mesh != mesh_before)
     return out
 
 
