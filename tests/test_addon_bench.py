@@ -27,3 +27,5 @@ def test_dwmesh_playback_at_512x512x49(tmp_path):
     assert b["pos_err_last_frame"] == 0 and b["playback_check_err"] < 1e-6 and b["pos_err_after_reload"] == 0
     assert b["playback_ms_mean"] < 1000 / 24  # evaluation leaves room for drawing at 24 fps
     assert b["import_steps"] >= 8 and b["import_step_max_s"] < b["import_s"] / 2  # built a piece per timer step
+    assert b["read_frames_steps"] >= 8 and b["read_frames_step_max_s"] < b["read_frames_s"] / 4  # read stepwise
+    assert b["read_guides_steps"] >= 8 and b["read_guides_step_max_s"] < b["read_guides_s"] / 4

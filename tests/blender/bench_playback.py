@@ -7,8 +7,11 @@ import_s      building the object (mesh, UVs, attributes, 48 shape keys + keys, 
 playback_ms   scene.frame_set(f) per frame = depsgraph evaluation of the shape-key mix (what playback
               pays before drawing), warm pass over all frames
 save/reload   .blend size and times; positions checked after reload
-read_frames_s reading 49 frames of the video at 512x512 through the sequencer
+read_frames_s reading 49 frames of the video at 512x512 through the sequencer, a few per step as the
+              add-on does (read_frames_step_max_s: the longest step = the longest UI pause)
 guide_frame_s one Workbench colour + mask guide frame at 512x512
+read_guides_s reading 49 colour + mask guide PNGs at 512x512 as Generate does (GuideReader steps;
+              read_guides_step_max_s the longest)
 """
 
 import os
@@ -34,9 +37,26 @@ guides = harness.sub("blender.guides")
 scene = bpy.context.scene
 props = scene.ex4d
 
-t = time.perf_counter()
-frames = video.read_frames(VIDEO, 0, T, W, H)
-R["read_frames_s"] = time.perf_counter() - t
+
+
+def stepped(worker):
+    """Drive a local job as the timer does; (total s, number of steps, longest step s)."""
+    steps, t = [], time.perf_counter()
+    try:
+        while True:
+            t0 = time.perf_counter()
+            more = worker.step()
+            steps.append(time.perf_counter() - t0)
+            if not more:
+                break
+    finally:
+        worker.finish()
+    return time.perf_counter() - t, len(steps), max(steps)
+
+
+reader = video.FrameReader(VIDEO, 0, T, W, H)  # as Reconstruct re-reads them after a reload
+R["read_frames_s"], R["read_frames_steps"], R["read_frames_step_max_s"] = stepped(reader)
+frames = reader.frames
 
 # A DW-mesh like the backend's at 512x512: one vertex per pixel, two triangles per quad, moving depth.
 yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
@@ -130,5 +150,12 @@ g.step()
 g.step()
 g.finish()
 R["guide_frame_s"] = (time.perf_counter() - t) / 2
+import shutil  # noqa: E402
+
+gdir = os.path.join(OUT, "bench_guides")
+for i in range(3, T + 1):  # the two rendered frames stand in for a whole shot's guides
+    for kind in ("color", "mask"):
+        shutil.copy(os.path.join(gdir, f"{kind}_{(i - 1) % 2 + 1:04d}.png"), os.path.join(gdir, f"{kind}_{i:04d}.png"))
+R["read_guides_s"], R["read_guides_steps"], R["read_guides_step_max_s"] = stepped(guides.GuideReader(gdir, T))
 harness.write_json(os.path.join(OUT, "bench.json"), R)
 print(R)
