@@ -21,6 +21,15 @@ SHARED_DIR = Path(__file__).parents[1].parent / "shared"
 os.environ.setdefault("EX4D_CACHE_DIR", str(Path(tempfile.gettempdir()) / "ex4d-test-cache"))
 
 
+def small_guide_clip():
+    """A 5-frame 32x32 random colour guide whose right half is masked from frame 1 on (tiny generators)."""
+    rng = np.random.default_rng(0)
+    color = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    mask = np.ones((5, 32, 32), bool)
+    mask[1:, :, 16:] = False
+    return color, mask
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny CPU kernels: one thread is fastest and keeps timings stable on a shared machine."""

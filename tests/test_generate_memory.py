@@ -12,15 +12,14 @@ pytest.importorskip("peft")
 from ex4d.generate import load_generator  # noqa: E402
 from ex4d.generate.adapter import lora_modules  # noqa: E402
 
+from conftest import small_guide_clip  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def clip_and_reference():
-    rng = np.random.default_rng(0)
-    color = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    mask = np.ones((5, 32, 32), bool)
-    mask[1:, :, 16:] = False
+    color, mask = small_guide_clip()
     gen = load_generator("tiny", speed="reference")
     reference = gen.generate(color, mask, steps=1)
     gen.pipe.batch_cfg = True

@@ -22,16 +22,14 @@ from ex4d.generate.preview_cache import (  # noqa: E402
 )
 from ex4d.generate.speed import plan_speed  # noqa: E402
 
+from conftest import small_guide_clip  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def clip():
-    rng = np.random.default_rng(0)
-    color = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    mask = np.ones((5, 32, 32), bool)
-    mask[1:, :, 16:] = False
-    return color, mask
+    return small_guide_clip()
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,6 @@ def load_generator(name: str, models_dir=None, device=None, memory_mode: str = "
     ``preview_metric``).
     ``speed``, ``vram_limit_gb`` and ``preview_cache`` are ignored by ``draft``.
     """
-    import math
-
     if name not in GENERATOR_NAMES:
         raise InputError(f"unknown generator {name!r}: choose one of {', '.join(GENERATOR_NAMES)}")
     if memory_mode not in MEMORY_MODES:
@@ -43,12 +41,9 @@ def load_generator(name: str, models_dir=None, device=None, memory_mode: str = "
     if speed not in SPEEDS:
         raise InputError(f"unknown speed {speed!r}: choose one of {', '.join(SPEEDS)}")
     if vram_limit_gb is not None:
-        try:
-            vram_limit_gb = float(vram_limit_gb)
-        except (TypeError, ValueError):
-            raise InputError(f"--vram-limit must be a number of GB, got {vram_limit_gb!r}") from None
-        if not math.isfinite(vram_limit_gb) or vram_limit_gb < 0:
-            raise InputError(f"--vram-limit must be a number of GB >= 0, got {vram_limit_gb}")
+        from .generator import non_negative_number
+
+        vram_limit_gb = non_negative_number(vram_limit_gb, "--vram-limit must be a number of GB >= 0")
         if memory_mode not in ("stream", "offload") and name != "draft":
             raise InputError(f"--vram-limit applies to --memory-mode stream (or offload), not {memory_mode}")
     if name == "draft":

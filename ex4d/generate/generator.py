@@ -27,15 +27,20 @@ _NEXT_MODE = {
 }
 
 
+def non_negative_number(value, rule: str) -> float:
+    """``value`` as a finite float >= 0, else an InputError "<rule>, got <value>"."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise InputError(f"{rule}, got {value!r}")
+    return number
+
+
 def check_preview_cache(value) -> float:
     """A preview-cache threshold: a finite number >= 0 (0 = off)."""
-    try:
-        threshold = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"--preview-cache must be a number >= 0 (0 = off), got {value!r}") from None
-    if not math.isfinite(threshold) or threshold < 0:
-        raise InputError(f"--preview-cache must be a number >= 0 (0 = off), got {value!r}")
-    return threshold
+    return non_negative_number(value, "--preview-cache must be a number >= 0 (0 = off)")
 
 
 class Ex4dGenerator:
