@@ -38,8 +38,9 @@ def load_generator(name: str, models_dir=None, device=None, memory_mode: str = "
         raise InputError(f"unknown generator {name!r}: choose one of {', '.join(GENERATOR_NAMES)}")
     if memory_mode not in MEMORY_MODES:
         raise InputError(f"unknown memory mode {memory_mode!r}: choose one of {', '.join(MEMORY_MODES)}")
-    if speed not in SPEEDS:
-        raise InputError(f"unknown speed {speed!r}: choose one of {', '.join(SPEEDS)}")
+    from .speed import check_speed
+
+    check_speed(speed)
     if vram_limit_gb is not None:
         from .generator import non_negative_number
 
