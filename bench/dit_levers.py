@@ -425,6 +425,24 @@ def main():
         accel.patch_block_forwards(dit, attention=attention, compile_blocks=True, compile_backend=args.compile_backend)
         phase("ours: cudnn+fused_rope+cfg_batch+compile+fp8", batched=True)
         ours = "ours: cudnn+fused_rope+cfg_batch+compile+fp8"
+        # A/B: the CFG pair quantised as two independent rows (before Fp8Linear._forward_pair).
+        accel.set_cfg_pair_delta(dit, False)
+        phase("ours fp8 without CFG-pair delta", batched=True)
+        accel.set_cfg_pair_delta(dit, True)
+        # + FP8 self-attention (cuDNN's fused FP8 kernel through nvidia-cudnn-frontend).
+        from ex4d.generate import fp8_attention
+
+        ok8, why8 = fp8_attention.fp8_attention_supported(B.device)
+        if ok8:
+            accel.unpatch_block_forwards(dit)
+            accel.patch_block_forwards(dit, attention=attention, compile_blocks=True, compile_backend=args.compile_backend,
+                                       self_attention=fp8_attention.sdpa_fp8)
+            phase("ours + fp8_attention", batched=True)
+            accel.unpatch_block_forwards(dit)
+            accel.patch_block_forwards(dit, attention=attention, compile_blocks=True, compile_backend=args.compile_backend)
+        else:
+            B.report["phases"]["ours + fp8_attention"] = {"skipped": why8}
+            print(f"notice: fp8_attention skipped: {why8}", flush=True)
         capped("fp8_resident_24gb", 24, lambda: len(dit.blocks))
         capped("fp8_offload_16gb", 16, resident_for(16, ours))
         capped("fp8_offload_12gb", 12, resident_for(12, ours))

@@ -14,7 +14,7 @@ pytest.importorskip("diffsynth")
 pytest.importorskip("peft")
 
 from ex4d.errors import InputError  # noqa: E402
-from ex4d.generate import accel, load_generator  # noqa: E402
+from ex4d.generate import accel, fp8_attention, load_generator  # noqa: E402
 from ex4d.generate.preview_cache import (  # noqa: E402
     TEACACHE_WAN21_I2V_480P,
     PreviewCache,
@@ -65,7 +65,7 @@ def test_reference_and_cpu_fast_plans():
     assert ref.levers == () and not ref.skipped and not ref.notices()
     fast = plan_speed("fast", "resident", "cpu")
     assert fast.levers == ("cfg_batch",) and fast.fp8_matmul == ()
-    assert set(fast.skipped) == {"cudnn_attention", "fused_rope", "fp8_ffn", "compile"}
+    assert set(fast.skipped) == {"cudnn_attention", "fused_rope", "fp8", "compile"}
     assert len(fast.notices()) == 1  # one line per reason
 
 
@@ -76,16 +76,30 @@ def gpu_probes(monkeypatch):
     monkeypatch.setattr(accel, "compile_supported", lambda device=None: state["compile"])
     monkeypatch.setattr(accel, "fp8_supported", lambda device=None: state["fp8"])
     monkeypatch.setattr(accel, "cudnn_attention_supported", lambda device=None: state["cudnn"])
+    monkeypatch.setattr(fp8_attention, "fp8_attention_supported", lambda device=None: state["fp8_attention"])
+    state["fp8_attention"] = (True, "")
     return state
 
 
+def test_fastest_adds_fp8_attention_where_it_can_run(gpu_probes):
+    fastest = plan_speed("fastest", "resident", "cuda")
+    assert fastest.levers == ("cudnn_attention", "fused_rope", "fp8", "fp8_attention", "compile", "cfg_batch")
+    assert plan_speed("fast", "resident", "cuda").levers == tuple(lv for lv in fastest.levers if lv != "fp8_attention")
+    gpu_probes["fp8_attention"] = (False, "nvidia-cudnn-frontend is not installed")
+    without = plan_speed("fastest", "stream", "cuda")
+    assert "fp8_attention" not in without.levers and "fp8" in without.levers
+    assert any("nvidia-cudnn-frontend" in line for line in without.notices())
+    on_cpu = plan_speed("fastest", "resident", "cpu")
+    assert on_cpu.levers == ("cfg_batch",) and len(on_cpu.notices()) == 1
+
+
 def test_cuda_plans_per_memory_mode(gpu_probes):
-    every = ("cudnn_attention", "fused_rope", "fp8_ffn", "compile", "cfg_batch")
+    every = ("cudnn_attention", "fused_rope", "fp8", "compile", "cfg_batch")
     for mode in ("resident", "stream"):
         plan = plan_speed("fast", mode, "cuda")
-        assert plan.levers == every and plan.fp8_matmul == accel.FFN_LINEARS and plan.fp8_weight_only == ()
+        assert plan.levers == every and plan.fp8_matmul == accel.FP8_LINEARS and plan.fp8_weight_only == ()
     fp8 = plan_speed("fast", "fp8", "cuda")
-    assert fp8.levers == ("cudnn_attention", "fused_rope", "fp8", "compile", "cfg_batch")
+    assert fp8.levers == every
     assert fp8.fp8_matmul == accel.FP8_LINEARS and "cross_attn.k_img" in fp8.fp8_weight_only
     offload = plan_speed("fast", "offload", "cuda")
     assert offload.levers == ("cudnn_attention", "fused_rope", "cfg_batch") and offload.fp8_matmul == ()
@@ -93,7 +107,7 @@ def test_cuda_plans_per_memory_mode(gpu_probes):
     gpu_probes["compile"] = (False, "Triton is not installed")
     no_triton = plan_speed("fast", "resident", "cuda")
     assert no_triton.levers == ("cudnn_attention", "fused_rope", "cfg_batch")
-    assert "compiled quantisation" in no_triton.skipped["fp8_ffn"]
+    assert "compiled quantisation" in no_triton.skipped["fp8"]
     gpu_probes["fp8"] = (False, "GPU compute capability 8.6 < 8.9 has no FP8 matrix units")
     assert "8.6" in plan_speed("fast", "fp8", "cuda").skipped["fp8"]  # fp8 mode keeps weight-only storage
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..generate.settings import SPEEDS
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -52,10 +54,11 @@ def add_generator_options(p, memory_default=None) -> None:
     p.add_argument("--vram-limit", type=float, metavar="GB",
                    help="GPU memory budget in GiB for --memory-mode stream (default: the card less 1 GiB) or "
                    "offload; e.g. 22 on a 24 GB card that also drives a display")
-    p.add_argument("--speed", default="fast", choices=("fast", "reference"),
-                   help="fast (default): cuDNN attention, FP8 FFN matmuls, torch.compile and batched CFG where the "
-                   "GPU allows (1.8x the release per shot; the first shot of a process compiles for ~20 s); "
-                   "reference: the release's configuration")
+    p.add_argument("--speed", default="fast", choices=SPEEDS,
+                   help="fast (default): cuDNN attention, FP8 matmuls, torch.compile and batched CFG where the GPU "
+                   "allows (about 2x the release per shot; the first shot of a process compiles for ~20 s); "
+                   "fastest: fast + FP8 self-attention (cuDNN; needs nvidia-cudnn-frontend; about 10%% faster, "
+                   "try it on a shot before a final); reference: the release's configuration")
     p.add_argument("--preview-cache", type=float, default=0.0, metavar="THRESH",
                    help="fast preview: skip DiT forwards while the timestep embedding barely changes (TeaCache-style; "
                    "0 = off, the default; 0.1-0.3 for previews). Lower quality: not for finals")

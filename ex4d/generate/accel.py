@@ -7,11 +7,16 @@ with a notice where the hardware or software cannot run it (CPU, no FP8 matrix u
                      kernel at EX-4D's 13,312-token shape on an H100).
 ``fused_rope``       the block forward re-expressed with real-valued fp32 RoPE instead of diffsynth's
                      float64 complex RoPE (the same rotation; lets torch.compile fuse it).
-``fp8_ffn``          FP8 (as below) in the two FFN linears only: the default, within the drift bar.
 ``fp8``              the token-wise linears of every block (self-attn q/k/v/o, cross-attn q/o, both FFN
                      layers) as FP8 e4m3 weights (per-output-channel scale) x FP8 activations (per-token
-                     scale, quantised in a compiled kernel) through ``torch._scaled_mm``. Needs compute
-                     capability >= 8.9. Also halves the DiT's weight memory.
+                     scale, quantised in a compiled kernel) through ``torch._scaled_mm``; a batched CFG
+                     pair is coded as nega + delta (``Fp8Linear._forward_pair``) so the guidance scale
+                     does not multiply the rounding. Needs compute capability >= 8.9. Also halves the
+                     DiT's weight memory. The default.
+``fp8_ffn``          the same in the two FFN linears only (the earlier default; for comparisons).
+``fp8_attention``    the video tokens' self-attention through cuDNN's fused FP8 kernel (Q/K/V in e4m3,
+                     one scale per tensor; :mod:`ex4d.generate.fp8_attention`, needs the optional
+                     ``nvidia-cudnn-frontend`` wheel). Opt-in: see docs/benchmarks.md for its drift.
 ``compile``          regional torch.compile of the block forward (one graph shared by all 40 blocks).
 
 ``cfg_batch`` (both classifier-free-guidance branches in one batch-2 forward) is not a module change:
@@ -30,10 +35,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-ALL_LEVERS = ("cudnn_attention", "fused_rope", "fp8_ffn", "fp8", "compile")
-# fp8 (every token-wise linear) drifts past the 0.99 per-step cosine bar on the CFG-combined prediction
-# (measured 0.984 on random weights, docs/benchmarks.md); FP8 in the FFN only stays at 0.995.
-DEFAULT_LEVERS = ("cudnn_attention", "fused_rope", "fp8_ffn", "compile")
+ALL_LEVERS = ("cudnn_attention", "fused_rope", "fp8_ffn", "fp8", "fp8_attention", "compile")
+# fp8 in every token-wise linear: per-step cosine of the CFG-combined prediction vs the bf16 reference
+# 0.994 with the CFG pair coded as nega + delta, 0.984 with the two rows quantised independently (random
+# weights, docs/benchmarks.md).
+DEFAULT_LEVERS = ("cudnn_attention", "fused_rope", "fp8", "compile")
 FFN_LINEARS = ("ffn.0", "ffn.2")
 
 # Linear layers that see the video tokens (their cost scales with the 13k tokens); the cross-attention
@@ -154,7 +160,7 @@ def _quantize(x: torch.Tensor):
     """Quantisation fused into one kernel by torch.compile (eager quantisation costs more than FP8 saves).
     Inside an already-compiled region this is simply inlined."""
     global _compiled_quantize
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or x.device.type != "cuda":  # CPU (tests): eager
         return quantize_rows_fp8(x)
     if _compiled_quantize is None:
         _compiled_quantize = torch.compile(quantize_rows_fp8, dynamic=True)
@@ -197,17 +203,41 @@ class Fp8Linear(torch.nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self.out_dtype = w.dtype
         self.bias_in_matmul = _scaled_mm_takes_bias(w.device, w.dtype)
+        # A batch of 2 is batched CFG's (posi, nega): see _forward_pair. Off only for A/B measurements.
+        self.cfg_pair_delta = True
+
+    def _matmul(self, x2: torch.Tensor, with_bias: bool) -> torch.Tensor:
+        xq, xs = _quantize(x2)
+        fused_bias = self.bias if (with_bias and self.bias_in_matmul) else None
+        y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale,
+                             bias=fused_bias, out_dtype=self.out_dtype)
+        if with_bias and self.bias is not None and fused_bias is None:
+            y = y + self.bias
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        xq, xs = _quantize(x2)
-        fused_bias = self.bias if self.bias_in_matmul else None
-        y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale,
-                             bias=fused_bias, out_dtype=self.out_dtype)
-        if self.bias is not None and fused_bias is None:
-            y = y + self.bias
+        if self.cfg_pair_delta and x.dim() == 3 and shape[0] == 2:
+            return self._forward_pair(x)
+        y = self._matmul(x.reshape(-1, self.in_features), with_bias=True)
         return y.view(*shape[:-1], self.out_features)
+
+    def _forward_pair(self, x: torch.Tensor) -> torch.Tensor:
+        """Batch (posi, nega) of batched CFG: quantise nega and the difference posi - nega, not posi itself.
+
+        FP8 rounding of two nearly equal rows differs almost independently, and ``nega + cfg (posi - nega)``
+        multiplies that difference by the guidance scale (about 6x the error of one branch at cfg 5). Coding
+        posi as nega + delta keeps the same two GEMM rows per token, but posi - nega is then computed from the
+        small delta's own fine grid: the guided prediction carries about one branch's rounding error."""
+        s = x.shape[1]
+        nega = x[1].float()
+        rows = torch.cat((x[0].float() - nega, nega))  # fp32: the delta is not rounded to bf16 first
+        y = self._matmul(rows, with_bias=False).float()
+        delta, base = y[:s], y[s:]
+        out = torch.stack((base + delta, base))
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(self.out_dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3"
@@ -236,6 +266,14 @@ class Fp8WeightOnlyLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3 weight-only"
+
+
+def set_cfg_pair_delta(dit: torch.nn.Module, on: bool) -> int:
+    """Switch :meth:`Fp8Linear._forward_pair` on or off in every FP8 linear (for A/B drift measurements)."""
+    mods = [m for m in dit.modules() if isinstance(m, Fp8Linear)]
+    for m in mods:
+        m.cfg_pair_delta = on
+    return len(mods)
 
 
 def _merged_linear(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Linear | None:
@@ -324,16 +362,16 @@ def _cross_attention(attn, x, context, attention):
     return attn.o(_merge_heads(out))
 
 
-def block_forward(block, x, context, t_mod, cos, sin, attention=sdpa_default):
+def block_forward(block, x, context, t_mod, cos, sin, attention=sdpa_default, self_attention=None):
     """diffsynth 2.1.12 ``DiTBlock.forward`` (same modules, same order of operations) with real fp32 RoPE
-    and a chosen attention kernel."""
+    and a chosen attention kernel (``self_attention``, if given, for the video tokens' self-attention)."""
     has_seq = t_mod.dim() == 4
     mod = (block.modulation.to(dtype=t_mod.dtype, device=t_mod.device) + t_mod).chunk(6, dim=2 if has_seq else 1)
     if has_seq:
         mod = tuple(m.squeeze(2) for m in mod)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
     h = block.norm1(x) * (1 + scale_msa) + shift_msa
-    x = x + gate_msa * _self_attention(block.self_attn, h, cos, sin, attention)
+    x = x + gate_msa * _self_attention(block.self_attn, h, cos, sin, self_attention or attention)
     x = x + _cross_attention(block.cross_attn, block.norm3(x), context, attention)
     h = block.norm2(x) * (1 + scale_mlp) + shift_mlp
     return x + gate_mlp * block.ffn(h)
@@ -359,7 +397,7 @@ def _expected_block(block) -> bool:
 
 
 def patch_block_forwards(dit, attention=sdpa_default, compile_blocks: bool = False, compile_mode: str | None = None,
-                         compile_backend: str = "inductor", notice=warnings.warn):
+                         compile_backend: str = "inductor", notice=warnings.warn, self_attention=None):
     """Give every block our forward (same maths, real RoPE, chosen attention); optionally compiled.
 
     The forward is patched per instance (``block.forward``), so module hooks (e.g. the block offloader's)
@@ -378,9 +416,9 @@ def patch_block_forwards(dit, attention=sdpa_default, compile_blocks: bool = Fal
 
     def run(block, x, context, t_mod, cos, sin):
         if state["eager"]:
-            return block_forward(block, x, context, t_mod, cos, sin, attention)
+            return block_forward(block, x, context, t_mod, cos, sin, attention, self_attention)
         try:
-            out = core(block, x, context, t_mod, cos, sin, attention)
+            out = core(block, x, context, t_mod, cos, sin, attention, self_attention)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - only before the first success: the compiler, not the maths
@@ -389,7 +427,7 @@ def patch_block_forwards(dit, attention=sdpa_default, compile_blocks: bool = Fal
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
             notice(f"speed lever compile failed here ({type(e).__name__}: {first}); running the blocks eagerly")
             state["eager"] = True
-            return block_forward(block, x, context, t_mod, cos, sin, attention)
+            return block_forward(block, x, context, t_mod, cos, sin, attention, self_attention)
         state["worked"] = True
         return out
 
@@ -448,7 +486,18 @@ def apply_speed_levers(target, levers=DEFAULT_LEVERS, *, device=None, compile_mo
         else:
             report.skipped["cudnn_attention"] = why
 
-    wants_patch = bool({"fused_rope", "compile"} & set(levers)) or attention is not sdpa_default
+    self_attention = None
+    if "fp8_attention" in levers:
+        from .fp8_attention import fp8_attention_supported, sdpa_fp8
+
+        ok, why = fp8_attention_supported(device)
+        if ok:
+            self_attention = sdpa_fp8
+            report.applied.append("fp8_attention")
+        else:
+            report.skipped["fp8_attention"] = why
+
+    wants_patch = bool({"fused_rope", "compile"} & set(levers)) or attention is not sdpa_default or self_attention
     compile_blocks = "compile" in levers
     if compile_blocks:
         ok, why = compile_supported(device)
@@ -457,7 +506,7 @@ def apply_speed_levers(target, levers=DEFAULT_LEVERS, *, device=None, compile_mo
             compile_blocks = False
     if wants_patch:
         patch_block_forwards(dit, attention=attention, compile_blocks=compile_blocks, compile_mode=compile_mode,
-                             notice=notice)
+                             notice=notice, self_attention=self_attention)
         if "fused_rope" in levers or "compile" in levers:
             report.applied.append("fused_rope")
         if compile_blocks:

@@ -50,8 +50,9 @@ WINDOW_OVERLAP = 8
 MEMORY_MODES = ("resident", "offload", "fp8", "stream")
 GENERATOR_NAMES = ("ex4d", "draft", "tiny")
 
-# Speed: "fast" = the levers measured in `ex4d bench` (docs/benchmarks.md), "reference" = the release's way.
-SPEEDS = ("fast", "reference")
+# Speed: "fast" = the levers measured in `ex4d bench` (docs/benchmarks.md), "fastest" = fast + FP8
+# self-attention (cuDNN), "reference" = the release's way.
+SPEEDS = ("fast", "fastest", "reference")
 DEFAULT_SPEED = "fast"
 
 # Memory mode "stream": GPU memory kept free beside the weights for the activations of a 512x512x49 shot

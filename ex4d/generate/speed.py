@@ -8,16 +8,20 @@ the memory mode, the device and this torch allow; each lever that cannot run fal
 notice (levers skipped for the same reason share one line):
 
 ========== ===================================================================================================
-resident   cuDNN attention, fused (real fp32) RoPE, FP8 matmuls in both FFN linears, regional
+resident   cuDNN attention, fused (real fp32) RoPE, FP8 matmuls in every token-wise block linear
+           (self-attention q/k/v/o, cross-attention q/o, FFN: per-channel weight scale, per-token
+           activation scale, the CFG pair coded as nega + delta, see accel.Fp8Linear), regional
            torch.compile, both CFG branches in one batch-2 forward. LoRA merged into the weights.
-stream     the same levers; FFN weights in FP8 also make each streamed block smaller (0.47 instead of
-           0.82 GB), so more blocks stay resident.
-fp8        the weights are stored in FP8 anyway: every token-wise block linear (self-attention q/k/v/o,
-           cross-attention q/o, FFN) computes FP8 x FP8 (per-channel weight scale, per-token activation
-           scale); the cross-attention k/v/k_img/v_img (text / image tokens) keep scaled FP8 weights,
-           dequantised to bf16 (weight-only). Plus cuDNN attention, fused RoPE, compile and CFG batch.
-           Measured 2.0x the reference per shot, final-video PSNR 40.4 dB vs the reference (44.4 dB for
-           resident/stream fast) on random weights. ``reference`` keeps diffsynth's weight-only storage.
+stream     the same levers; FP8 weights also make each streamed block smaller, so more blocks stay
+           resident.
+fp8        the same FP8 matmuls; in addition the cross-attention k/v/k_img/v_img (text / image tokens)
+           keep scaled FP8 weights, dequantised to bf16 (weight-only), so every DiT weight is stored in
+           FP8. ``reference`` keeps diffsynth's weight-only storage.
+fastest    ``fast`` plus the video tokens' self-attention in FP8 through cuDNN's fused FP8 kernel
+           (accel lever ``fp8_attention``; needs the optional ``nvidia-cudnn-frontend`` wheel): about 10 %
+           less per step, within the drift bar on random weights, but the attention kernel alone is
+           ~15x further from fp32 than bf16 for sharp attention (docs/benchmarks.md): try it on a shot
+           before using it for finals.
 offload    cuDNN attention, fused RoPE and CFG batch only: diffsynth moves each layer's weights when it
            runs, which neither FP8 modules nor a compiled block can follow (use ``stream`` instead).
 CPU        CFG batch only (the other levers are CUDA kernels).
@@ -34,7 +38,7 @@ from dataclasses import dataclass, field
 from ..errors import InputError
 from .settings import SPEEDS
 
-FAST_LEVERS = ("cudnn_attention", "fused_rope", "fp8_ffn", "compile", "cfg_batch")
+FAST_LEVERS = ("cudnn_attention", "fused_rope", "fp8", "compile", "cfg_batch")
 
 # Linears of a block that the "fp8" memory mode + fast keeps as scaled FP8 weights with bf16 matmuls.
 FP8_WEIGHT_ONLY = ("cross_attn.k", "cross_attn.v", "cross_attn.k_img", "cross_attn.v_img")
@@ -77,12 +81,16 @@ def plan_speed(speed: str, memory_mode: str, device) -> SpeedPlan:
     if speed == "reference":
         return plan
     device = torch.device(device)
-    fp8_lever = "fp8" if memory_mode == "fp8" else "fp8_ffn"
+    fp8_lever = "fp8"
     wanted = ["cudnn_attention", "fused_rope", fp8_lever, "compile", "cfg_batch"]
+    if speed == "fastest":
+        wanted.insert(3, "fp8_attention")
     skipped: dict[str, str] = {}
     if device.type != "cuda":
         for lever in wanted[:-1]:
             skipped[lever] = f"running on {device.type}; CUDA levers"
+        if "fp8_attention" in wanted:  # it fails the same way, said once
+            skipped["fp8_attention"] = skipped["cudnn_attention"]
     else:
         if memory_mode == "offload":
             why = "diffsynth's offload moves each layer at call time; --memory-mode stream keeps them"
@@ -100,11 +108,17 @@ def plan_speed(speed: str, memory_mode: str, device) -> SpeedPlan:
         ok, why = accel.cudnn_attention_supported(device)
         if not ok:
             skipped["cudnn_attention"] = why
+        if "fp8_attention" in wanted:
+            from .fp8_attention import fp8_attention_supported
+
+            ok, why = fp8_attention_supported(device)
+            if not ok:
+                skipped["fp8_attention"] = why
     plan.levers = tuple(lv for lv in wanted if lv not in skipped)
     plan.skipped = skipped
     if fp8_lever in plan.levers:
-        plan.fp8_matmul = accel.FP8_LINEARS if fp8_lever == "fp8" else accel.FFN_LINEARS
-        plan.fp8_weight_only = FP8_WEIGHT_ONLY if fp8_lever == "fp8" else ()
+        plan.fp8_matmul = accel.FP8_LINEARS
+        plan.fp8_weight_only = FP8_WEIGHT_ONLY if memory_mode == "fp8" else ()
     return plan
 
 
@@ -117,8 +131,12 @@ def finish_speed(pipe, plan: SpeedPlan, notice=warnings.warn) -> None:
         notice(line)
     levers = set(plan.levers)
     attention = accel.sdpa_cudnn if "cudnn_attention" in levers else accel.sdpa_default
-    if levers & {"cudnn_attention", "fused_rope", "compile"}:
-        accel.patch_block_forwards(pipe.dit, attention=attention, compile_blocks="compile" in levers, notice=notice)
+    self_attention = None
+    if "fp8_attention" in levers:
+        from .fp8_attention import sdpa_fp8 as self_attention
+    if levers & {"cudnn_attention", "fused_rope", "compile", "fp8_attention"}:
+        accel.patch_block_forwards(pipe.dit, attention=attention, compile_blocks="compile" in levers, notice=notice,
+                                   self_attention=self_attention)
     pipe.batch_cfg = "cfg_batch" in levers
     pipe.speed = plan.speed
     pipe.speed_report = plan.as_dict()
