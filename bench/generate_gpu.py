@@ -11,10 +11,10 @@ weights are rebuilt for each: every memory mode changes them in place):
     python bench/generate_gpu.py --configs resident,resident/preview=0.1,resident/preview=0.2,offload@0/steps=5
     python bench/generate_gpu.py --tiny --device cpu --configs resident,stream@0,resident/preview=5 --steps 3
 
-A configuration is ``MODE[@GB][/reference][/preview=THRESH][/metric=t|t_mod|x_mod][/steps=N]``: MODE one of resident, stream,
+A configuration is ``MODE[@GB][/reference|/fastest][/preview=THRESH][/metric=t|t_mod|x_mod][/steps=N]``: MODE one of resident, stream,
 fp8, offload; ``@GB`` the --vram-limit (stream: the budget, also enforced here as a hard cap with
 ``torch.cuda.set_per_process_memory_fraction`` so that the peak proves it fits; offload: diffsynth's limit,
-0 = stream every layer); ``/reference`` the release's speed (default: fast); ``/preview=T`` the preview step
+0 = stream every layer); ``/reference`` the release's speed, ``/fastest`` fast + FP8 attention (default: fast); ``/preview=T`` the preview step
 cache with probe ``/metric=`` (default t; random time-embedding weights change ~80% per step, beyond the
 published fit, so on random weights only ``x_mod`` skips anything); ``/steps=N`` fewer steps for one slow
 configuration.
@@ -62,7 +62,7 @@ def parse_config(text: str) -> dict:
         raise ValueError(f"configuration {text!r}: @GB applies to stream and offload")
     for part in parts[1:]:
         key, _, value = part.partition("=")
-        if key in ("reference", "fast") and not value:
+        if key in ("reference", "fast", "fastest") and not value:
             cfg["speed"] = key
         elif key == "preview" and value:
             cfg["preview"] = float(value)
