@@ -57,6 +57,15 @@ class LeverReport:
     def as_dict(self) -> dict:
         return {"applied": list(self.applied), "skipped": dict(self.skipped)}
 
+    def probe(self, lever: str, result: tuple[bool, str]) -> bool:
+        """Record a support probe's (ok, why) for ``lever``: applied, or skipped with the reason."""
+        ok, why = result
+        if ok:
+            self.applied.append(lever)
+        else:
+            self.skipped[lever] = why
+        return ok
+
 
 # --------------------------------------------------------------------------------------------- support
 
@@ -469,33 +478,19 @@ def apply_speed_levers(target, levers=DEFAULT_LEVERS, *, device=None, compile_mo
     report = LeverReport()
 
     fp8_lever = "fp8" if "fp8" in levers else ("fp8_ffn" if "fp8_ffn" in levers else None)
-    if fp8_lever:
-        ok, why = fp8_supported(device)
-        if ok:
-            convert_blocks_to_fp8(dit, FP8_LINEARS if fp8_lever == "fp8" else FFN_LINEARS)
-            report.applied.append(fp8_lever)
-        else:
-            report.skipped[fp8_lever] = why
+    if fp8_lever and report.probe(fp8_lever, fp8_supported(device)):
+        convert_blocks_to_fp8(dit, FP8_LINEARS if fp8_lever == "fp8" else FFN_LINEARS)
 
     attention = sdpa_default
-    if "cudnn_attention" in levers:
-        ok, why = cudnn_attention_supported(device)
-        if ok:
-            attention = sdpa_cudnn
-            report.applied.append("cudnn_attention")
-        else:
-            report.skipped["cudnn_attention"] = why
+    if "cudnn_attention" in levers and report.probe("cudnn_attention", cudnn_attention_supported(device)):
+        attention = sdpa_cudnn
 
     self_attention = None
     if "fp8_attention" in levers:
         from .fp8_attention import fp8_attention_supported, sdpa_fp8
 
-        ok, why = fp8_attention_supported(device)
-        if ok:
+        if report.probe("fp8_attention", fp8_attention_supported(device)):
             self_attention = sdpa_fp8
-            report.applied.append("fp8_attention")
-        else:
-            report.skipped["fp8_attention"] = why
 
     wants_patch = bool({"fused_rope", "compile"} & set(levers)) or attention is not sdpa_default or self_attention
     compile_blocks = "compile" in levers
