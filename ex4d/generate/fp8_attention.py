@@ -10,8 +10,9 @@ Numerics: Q, K and V are quantised to e4m3 with one scale per tensor (their abso
 batch, heads and tokens: cuDNN takes one descale each); the softmax numerator exp(s - max) <= 1 is held
 in FP8 with the fixed scale :data:`P_SCALE`; accumulation and the softmax statistics are fp32. On Hopper
 cuDNN writes the output in e4m3 only (bf16 output is Blackwell-only): it is written on V's scale (an
-attention output is a convex combination of rows of V, so it cannot overflow it) and dequantised to bf16. Only the video tokens' self-attention uses it (13,312 x 13,312 at 512x512x49, where the time is);
-the cross-attention to 512 text / 257 image tokens stays bf16.
+attention output is a convex combination of rows of V, so it cannot overflow it) and dequantised to bf16.
+Only the video tokens' self-attention uses it (13,312 x 13,312 at 512x512x49, where the time is); the
+cross-attention to 512 text / 257 image tokens stays bf16.
 
 Nothing here imports at ``import ex4d``; the frontend is imported on first use.
 """
@@ -22,7 +23,8 @@ import threading
 
 import torch
 
-FP8_MAX = 448.0
+from .accel import FP8_MAX  # largest finite e4m3
+
 P_SCALE = 256.0  # exp(s - rowmax) in [0, 1] -> [0, 256] in e4m3; a power of two, so the descale is exact
 _LOCK = threading.Lock()
 _STATE: dict = {}  # "cudnn" module, "handle" per device, graphs per geometry

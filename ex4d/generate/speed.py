@@ -81,30 +81,27 @@ def plan_speed(speed: str, memory_mode: str, device) -> SpeedPlan:
     if speed == "reference":
         return plan
     device = torch.device(device)
-    fp8_lever = "fp8"
-    wanted = ["cudnn_attention", "fused_rope", fp8_lever, "compile", "cfg_batch"]
+    wanted = list(FAST_LEVERS)
     if speed == "fastest":
-        wanted.insert(3, "fp8_attention")
+        wanted.insert(wanted.index("fp8") + 1, "fp8_attention")
     skipped: dict[str, str] = {}
     if device.type != "cuda":
         for lever in wanted[:-1]:
             skipped[lever] = f"running on {device.type}; CUDA levers"
-        if "fp8_attention" in wanted:  # it fails the same way, said once
-            skipped["fp8_attention"] = skipped["cudnn_attention"]
     else:
         if memory_mode == "offload":
             why = "diffsynth's offload moves each layer at call time; --memory-mode stream keeps them"
-            skipped[fp8_lever] = skipped["compile"] = why
+            skipped["fp8"] = skipped["compile"] = why
         if "compile" not in skipped:
             ok, why = accel.compile_supported(device)
             if not ok:
                 skipped["compile"] = why
-        if fp8_lever not in skipped:
+        if "fp8" not in skipped:
             ok, why = accel.fp8_supported(device)
             if not ok:
-                skipped[fp8_lever] = why
+                skipped["fp8"] = why
             elif "compile" in skipped:  # eager per-token quantisation costs more than FP8 saves
-                skipped[fp8_lever] = "FP8 activations need the compiled quantisation kernel (compile is off)"
+                skipped["fp8"] = "FP8 activations need the compiled quantisation kernel (compile is off)"
         ok, why = accel.cudnn_attention_supported(device)
         if not ok:
             skipped["cudnn_attention"] = why
@@ -116,7 +113,7 @@ def plan_speed(speed: str, memory_mode: str, device) -> SpeedPlan:
                 skipped["fp8_attention"] = why
     plan.levers = tuple(lv for lv in wanted if lv not in skipped)
     plan.skipped = skipped
-    if fp8_lever in plan.levers:
+    if "fp8" in plan.levers:
         plan.fp8_matmul = accel.FP8_LINEARS
         plan.fp8_weight_only = FP8_WEIGHT_ONLY if memory_mode == "fp8" else ()
     return plan
