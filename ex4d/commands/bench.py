@@ -183,7 +183,7 @@ def _front_stages(torch, np, args, device, cuda) -> dict:
     return out
 
 
-def _synthetic_guides(np, frames, size, seed=0):
+def synthetic_guides(np, frames, size, seed=0):
     """A smooth colour clip whose right side and a moving box are holes (frame 0 fully valid), in [-1,1]."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -242,7 +242,7 @@ def run(args) -> int:
         pipe = assemble_pipeline(components, device=device, dtype=dtype, adapter_state=None, memory_mode="resident")
         report["notes"].append("adapter: peft default init (LoRA B = 0), same compute as a loaded adapter")
     report["build_s"] = round(time.perf_counter() - t, 2)
-    color, mask = _synthetic_guides(np, args.frames, args.size)
+    color, mask = synthetic_guides(np, args.frames, args.size)
     prompt, negative = "4K ultra HD, surround motion, cinematic quality", "blurred details, worst quality, static"
 
     ref_preds: list = []

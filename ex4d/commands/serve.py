@@ -35,7 +35,7 @@ def register(sub) -> None:
     s.add_argument("--jobs-dir", default="ex4d-jobs", metavar="DIR", help="where finished results are kept (default ./ex4d-jobs)")
     s.add_argument("--ttl", type=float, default=24.0, metavar="HOURS", help="delete unfetched results after this long (default 24)")
     s.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs for the ex4d generator (N>1: sequence parallel "
-                   "under torchrun; needs xfuser and yunchang)")
+                   "under torchrun over NCCL; N divides 40: 2, 4, 5 or 8)")
     s.add_argument("--max-queue", type=int, default=8, metavar="N", help="jobs that may wait; more are answered 'busy' (default 8)")
     s.add_argument("--keys-dir", metavar="DIR", help="enable CURVE encryption with the keys from `ex4d keys generate`; "
                    "only clients whose public key is in DIR/authorized/ may connect")

@@ -414,6 +414,8 @@ def patch_block_forwards(dit, attention=sdpa_default, compile_blocks: bool = Fal
     compiled forward fails before it ever succeeded (a compiler that cannot build here), every block falls
     back to the eager forward with one ``notice``; later failures are raised.
     """
+    dit._ex4d_block_levers = dict(attention=attention, compile_blocks=compile_blocks, compile_mode=compile_mode,
+                                  compile_backend=compile_backend, notice=notice, self_attention=self_attention)
     cache = _RopeTableCache()
     core = block_forward
     if compile_blocks:
@@ -454,6 +456,7 @@ def patch_block_forwards(dit, attention=sdpa_default, compile_blocks: bool = Fal
 
 
 def unpatch_block_forwards(dit) -> None:
+    dit.__dict__.pop("_ex4d_block_levers", None)
     for block in dit.blocks:
         block.__dict__.pop("forward", None)
 

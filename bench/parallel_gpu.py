@@ -1,0 +1,228 @@
+"""The denoising stage on one GPU and on N GPUs with sequence parallelism, in one torchrun job.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 bench/parallel_gpu.py --json-out $OUT/parallel.json
+    python -m torch.distributed.run --standalone --nproc_per_node 2 bench/parallel_gpu.py --tiny --device cpu --steps 2
+
+Every rank builds the full Wan2.1-I2V-14B + EX-4D adapter with the same seeded random weights through
+``assemble_pipeline`` (the product's load path; memory mode resident, speed per ``--speeds``) and encodes
+the same synthetic guide clip. Then, per speed:
+
+1. **one GPU**: rank 0 alone runs the whole denoising stage (512x512x49, 25 steps, CFG 5) with the
+   ordinary model function, after one untimed warm-up step (compilation); the other ranks wait.
+2. **N GPUs**: every rank makes the pipeline sequence parallel
+   (:func:`ex4d.generate.sequence_parallel.make_sequence_parallel`) and the same stage runs split over all
+   ranks, again after one untimed warm-up step.
+3. **all-to-all alone**: the 4 x blocks all-to-alls of one step on the real shapes, timed without compute,
+   to split the N-GPU step into compute and communication.
+
+Reported: seconds per step (median) and for the stage, the speed-up, per-step cosine similarity of the
+N-GPU noise prediction against the one-GPU one (same weights, same inputs), peak memory per rank, and the
+expected step time for 4 and 8 GPUs from the measured one-GPU step and all-to-all (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+GiB = 1024**3
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--speeds", default="fast", help="comma list of reference, fast, fastest")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--frames", type=int, default=49)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--tiny", action="store_true", help="tiny random model (CPU logic check with --device cpu)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--json-out")
+    return p.parse_args(argv)
+
+
+class Clock:
+    def __init__(self, torch, device):
+        self.torch, self.cuda = torch, device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def timed_denoise(pipe, cond, noise, steps: int, clock) -> tuple[dict, list]:
+    """One warm-up step, then the whole stage; per-step seconds and the noise predictions (on CPU)."""
+    import torch
+
+    pipe.scheduler.set_timesteps(steps, denoising_strength=1.0, shift=5.0)
+    with torch.no_grad():
+        pipe.predict_noise(noise.float(), pipe.scheduler.timesteps[:1], cond)
+    inner = pipe.predict_noise
+    had_override = "predict_noise" in pipe.__dict__
+    marks, preds = [], []
+
+    def predict(latents, timestep, c):
+        out = inner(latents, timestep, c)
+        marks.append(clock())
+        preds.append(out.float().cpu())
+        return out
+
+    pipe.predict_noise = predict
+    if clock.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        t0 = clock()
+        latents = pipe.denoise(cond, noise, steps=steps)
+        total = clock() - t0
+    finally:
+        if had_override:
+            pipe.predict_noise = inner
+        else:
+            del pipe.predict_noise
+    per_step = [b - a for a, b in zip([t0] + marks, marks)]  # includes the scheduler step and the copy to CPU
+    entry = {"denoise_s": round(total, 3), "median_step_s": round(statistics.median(per_step), 4),
+             "per_step_s": [round(s, 4) for s in per_step],
+             "peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 2) if clock.cuda else None}
+    return entry, preds + [latents.float().cpu()]
+
+
+def all_to_all_seconds(sp, pipe, tokens: int, batch: int, clock, repeats: int = 3) -> float:
+    """Seconds of one step's Ulysses traffic alone: q, k, v, out all-to-alls for every block."""
+    import torch
+
+    attn = pipe.dit.blocks[0].self_attn
+    heads, dim = attn.num_heads, attn.dim
+    local = -(-tokens // sp.world)
+    device = next(pipe.dit.parameters()).device
+    x = torch.randn(batch, heads, local, dim // heads, device=device, dtype=torch.bfloat16)
+    blocks = len(pipe.dit.blocks)
+    best = float("inf")
+    for _ in range(repeats):
+        sp.barrier()
+        t = clock()
+        for _ in range(blocks):
+            y = [sp.all_to_all(x, scatter_dim=1, gather_dim=2) for _ in range(3)]
+            sp.all_to_all(y[0], scatter_dim=2, gather_dim=1)
+        best = min(best, clock() - t)
+    return best
+
+
+def cosine(a, b) -> float:
+    import torch
+
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def run_speed(args, speed: str, sp, device, clock) -> dict:
+    import numpy as np
+    import torch
+
+    from ex4d.commands.bench import synthetic_guides
+    from ex4d.generate.architectures import build_random_components, tiny_tokenizer
+    from ex4d.generate.pipeline import assemble_pipeline
+    from ex4d.generate.sequence_parallel import make_sequence_parallel
+
+    entry: dict = {"speed": speed}
+    notes: list = []
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    arch = "tiny" if args.tiny else "i2v-14b"
+    components = build_random_components(arch, seed=0, device=device, dtype=dtype,
+                                         tokenizer=tiny_tokenizer(seq_len=32 if args.tiny else 512))
+    pipe = assemble_pipeline(components, device=device, dtype=dtype, adapter_state="random", memory_mode="resident",
+                             speed=speed, notice=notes.append)
+    del components
+    entry["levers"] = pipe.speed_report
+    color, mask = synthetic_guides(np, args.frames, args.size)
+    prompt, negative = "4K ultra HD, surround motion, cinematic quality", "blurred details, worst quality, static"
+    cond = pipe.prepare(color, mask, prompt=prompt, negative_prompt=negative, cfg=args.cfg)
+    noise = pipe.initial_noise(args.frames, args.size, args.size, 0)
+    tokens = cond.video_tokens.shape[1]
+    batch = 2 if pipe.batch_cfg else 1
+
+    one = None
+    if sp.rank == 0:
+        t = clock()
+        entry["one_gpu"], one = timed_denoise(pipe, cond, noise, args.steps, clock)
+        entry["one_gpu"]["wall_with_warmup_s"] = round(clock() - t, 1)
+        print(json.dumps({speed: {"one_gpu": entry["one_gpu"]["median_step_s"]}}), file=sys.stderr, flush=True)
+    sp.barrier()
+
+    make_sequence_parallel(pipe, sp)
+    t = clock()
+    split, many = timed_denoise(pipe, cond, noise, args.steps, clock)
+    split["wall_with_warmup_s"] = round(clock() - t, 1)
+    peaks = sp.all_gather(torch.tensor([split["peak_gib"] or 0.0], device=sp._device()), dim=0)
+    split["peak_gib_per_rank"] = [round(float(v), 2) for v in peaks]
+    comm = all_to_all_seconds(sp, pipe, tokens, batch, clock)
+    entry[f"{sp.world}_gpus"] = split
+    entry["all_to_all_s_per_step"] = round(comm, 4)
+    entry["tokens"], entry["cfg_batch"] = tokens, batch
+    entry["notices"] = notes
+    if sp.rank == 0:
+        t1, tn = entry["one_gpu"]["median_step_s"], split["median_step_s"]
+        entry["speedup_denoise_stage"] = round(entry["one_gpu"]["denoise_s"] / split["denoise_s"], 3)
+        entry["speedup_median_step"] = round(t1 / tn, 3)
+        cos = [cosine(a, b) for a, b in zip(one[:-1], many[:-1])]
+        entry["noise_pred_cosine_vs_one_gpu"] = {"min": round(min(cos), 6), "per_step": [round(c, 6) for c in cos]}
+        entry["final_latents_cosine_vs_one_gpu"] = round(cosine(one[-1], many[-1]), 6)
+        # Expected step on M GPUs: compute splits M ways; what the N-GPU step spends beyond t1/N is
+        # all-to-all (measured, scaled by the traffic each GPU sends: (M-1)/M^2 of the whole) plus a rest
+        # that does not shrink (unsplit embed/head, graph breaks), kept constant.
+        n = sp.world
+        rest = max(tn - t1 / n - comm, 0.0)
+        per_gpu_traffic = lambda m: (m - 1) / m**2  # noqa: E731
+        entry["step_breakdown_s"] = {"compute_share": round(t1 / n, 4), "all_to_all": round(comm, 4), "rest": round(rest, 4)}
+        entry["expected_step_s"] = {
+            str(m): round(t1 / m + comm * per_gpu_traffic(m) / per_gpu_traffic(n) + rest, 3) for m in (2, 4, 8) if m != 1}
+        entry["expected_speedup"] = {m: round(t1 / s, 2) for m, s in entry["expected_step_s"].items()}
+    del pipe, cond, noise
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return entry
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from ex4d.generate.sequence_parallel import init_sequence_group
+
+    sp = init_sequence_group("nccl" if args.device == "cuda" else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    clock = Clock(torch, device)
+    report: dict = {"gpus": sp.world, "steps": args.steps, "frames": args.frames, "size": args.size, "cfg": args.cfg,
+                    "arch": "tiny" if args.tiny else "i2v-14b", "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "speeds": {}}
+    ok = True
+    for speed in [s.strip() for s in args.speeds.split(",") if s.strip()]:
+        try:
+            report["speeds"][speed] = run_speed(args, speed, sp, device, clock)
+        except Exception as e:  # noqa: BLE001 - keep the other speeds' numbers
+            ok = False
+            report["speeds"][speed] = {"error": f"{type(e).__name__}: {e}"[:1500], "traceback": traceback.format_exc()[-2000:]}
+            print(report["speeds"][speed]["traceback"], file=sys.stderr, flush=True)
+            break  # a failed collective leaves the group unusable
+    if sp.rank == 0:
+        text = json.dumps(report, indent=1)
+        print(text)
+        if args.json_out:
+            tmp = args.json_out + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, args.json_out)
+    sp.dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

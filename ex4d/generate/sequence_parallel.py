@@ -1,0 +1,187 @@
+"""Sequence parallelism for the Wan DiT (DeepSpeed-Ulysses, the scheme of diffsynth's USP): each of N
+processes (one per GPU) runs every block on 1/N of the video tokens; self-attention trades the token split
+for a head split with one all-to-all before and one after.
+
+* :class:`SequenceGroup` - the three collectives Ulysses needs, over any ``torch.distributed`` group (NCCL
+  on GPUs; gloo in the CPU tests).
+* :func:`enable_sequence_parallel` - makes a DiT's self-attention Ulysses. It follows the block forward in
+  use: diffsynth's own (the ``reference`` speed: the attention module's forward is swapped) or the speed
+  levers' patched forward (:func:`ex4d.generate.accel.patch_block_forwards`; the chosen kernel - cuDNN,
+  FP8 - runs inside the all-to-alls, and a compiled block breaks its graph around them).
+* :func:`sequence_parallel_model_fn` - ``ex4d_model_fn`` with the split: patch embedding and the EX-4D
+  condition tokens on the FULL sequence, then each rank takes its slice of tokens and RoPE frequencies, runs
+  the blocks and the head, and an all-gather rebuilds the sequence. Padding tokens (when N does not divide
+  the token count) are masked out of attention, so results do not depend on N. N must divide the number of
+  heads (40 for Wan 14B: N in 1, 2, 4, 5, 8). Cross-attention needs no communication (the text and CLIP
+  context is replicated).
+
+Per step and block the traffic is 4 all-to-alls of the local q/k/v/output, ``2 * S/N * dim`` values each
+with batched CFG: 1/N of it stays on the GPU, the rest crosses NVLink.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import types
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+
+
+class SequenceGroup:
+    """Ulysses collectives over a torch.distributed group."""
+
+    def __init__(self, group=None):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.key_mask = None  # (S_padded,) bool, set per forward when the sequence was padded
+
+    def all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+        """Split ``x`` along ``scatter_dim`` into world parts, send part i to rank i, concatenate what
+        comes back along ``gather_dim``."""
+        if self.world == 1:
+            return x
+        send = torch.stack(x.chunk(self.world, dim=scatter_dim)).contiguous()
+        recv = torch.empty_like(send)
+        self.dist.all_to_all_single(recv, send, group=self.group)
+        return torch.cat(recv.unbind(0), dim=gather_dim)
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.world == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        self.dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when any rank says True (used to agree on cancel)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self._device())
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item() > 0)
+
+    def broadcast(self, obj, src: int = 0):
+        """An object from rank ``src`` to every rank (inside the torchrun group only; never on the wire)."""
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=src, group=self.group)
+        return box[0]
+
+    def barrier(self) -> None:
+        self.dist.barrier(group=self.group)
+
+    def _device(self):
+        if self.dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+
+def init_sequence_group(backend: str = "nccl") -> SequenceGroup:
+    """One rank started by torchrun: NCCL over all ranks, one GPU each (LOCAL_RANK); ``gloo`` on CPU."""
+    import torch.distributed as dist
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if key not in os.environ:
+            raise InputError(f"sequence parallel runs under torchrun ({key} is not set)")
+    if backend == "nccl":
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    else:
+        dist.init_process_group(backend)
+    return SequenceGroup()
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+def ulysses_attention(sp: SequenceGroup, kernel):
+    """An attention function for ``accel.block_forward`` on a token shard: q/k/v (b, n, S/N, d) ->
+    all-to-all -> ``kernel`` on (b, n/N, S, d) -> all-to-all back. Kept out of torch.compile's graph
+    (the collectives and the padding mask run eagerly between the compiled halves of a block)."""
+    @torch.compiler.disable
+    def attention(q, k, v):
+        q, k, v = (sp.all_to_all(t, scatter_dim=1, gather_dim=2) for t in (q, k, v))
+        if sp.key_mask is None:
+            out = kernel(q, k, v)
+        else:  # padded tokens: the masked default kernel (the fused kernels here take no mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=sp.key_mask.to(q.device).view(1, 1, 1, -1))
+        return sp.all_to_all(out, scatter_dim=2, gather_dim=1)
+
+    return attention
+
+
+def _ulysses_module_forward(self, x, freqs):
+    """diffsynth ``SelfAttention.forward`` for a token shard (the unpatched block forward)."""
+    from diffsynth.models.wan_video_dit import rope_apply
+    from einops import rearrange
+
+    n = self.num_heads
+    q = rope_apply(self.norm_q(self.q(x)), freqs, n)
+    k = rope_apply(self.norm_k(self.k(x)), freqs, n)
+    v = self.v(x)
+    q, k, v = (rearrange(t, "b s (n d) -> b n s d", n=n) for t in (q, k, v))
+    out = self._ex4d_ulysses(q, k, v)
+    return self.o(rearrange(out, "b n s d -> b s (n d)"))
+
+
+def enable_sequence_parallel(dit, sp: SequenceGroup) -> None:
+    """Make every block's self-attention Ulysses over ``sp`` (in place), for the block forward in use."""
+    from . import accel
+
+    heads = dit.blocks[0].self_attn.num_heads
+    if heads % sp.world:
+        raise InputError(f"{sp.world} GPUs do not divide the model's {heads} attention heads; use a divisor of {heads}")
+    patched = getattr(dit, "_ex4d_block_levers", None)
+    if patched is not None and all("forward" in block.__dict__ for block in dit.blocks):
+        kernel = patched["self_attention"] or patched["attention"]
+        accel.patch_block_forwards(dit, **{**patched, "self_attention": ulysses_attention(sp, kernel)})
+        dit._ex4d_block_levers = patched  # the single-GPU choice stays the record (enabling twice does not nest)
+        return
+    for block in dit.blocks:
+        attn = block.self_attn
+        attn._ex4d_ulysses = ulysses_attention(sp, accel.sdpa_default)
+        attn.forward = types.MethodType(_ulysses_module_forward, attn)
+
+
+def sequence_parallel_model_fn(dit, latents, timestep, context, clip_feature, y, video_tokens=None, *,
+                               sp: SequenceGroup, **_unused):
+    """``ex4d_model_fn`` with the token sequence split over ``sp``'s ranks (see the module docstring)."""
+    from .pipeline import embed_dit_inputs
+
+    # EX-4D condition tokens are added to the FULL sequence inside embed_dit_inputs, before the split.
+    x, t, t_mod, context, freqs, (f, h, w) = embed_dit_inputs(dit, latents, timestep, context, clip_feature, y,
+                                                              video_tokens)
+    S = x.shape[1]
+    chunk = math.ceil(S / sp.world)
+    pad = chunk * sp.world - S
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+        freqs = torch.cat([freqs, torch.ones(pad, *freqs.shape[1:], dtype=freqs.dtype, device=freqs.device)])
+        sp.key_mask = torch.arange(S + pad, device=x.device) < S
+    else:
+        sp.key_mask = None
+    lo, hi = sp.rank * chunk, (sp.rank + 1) * chunk
+    x, freqs = x[:, lo:hi].contiguous(), freqs[lo:hi]
+    try:
+        for block in dit.blocks:
+            x = block(x, context, t_mod, freqs)
+        x = dit.head(x, t)
+    finally:
+        sp.key_mask = None
+    x = sp.all_gather(x, dim=1)[:, :S]
+    return dit.unpatchify(x, (f, h, w))
+
+
+def make_sequence_parallel(pipe, sp: SequenceGroup):
+    """An assembled :class:`~ex4d.generate.pipeline.Ex4dPipeline` runs its DiT split over ``sp`` (in place)."""
+    if getattr(pipe, "step_cache", None) is not None:
+        raise InputError("the preview cache needs one GPU (the split model function runs every step)")
+    enable_sequence_parallel(pipe.dit, sp)
+    pipe.model_fn = lambda **kw: sequence_parallel_model_fn(sp=sp, **kw)
+    return pipe
