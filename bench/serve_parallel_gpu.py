@@ -41,14 +41,14 @@ def clip(frames=9, size=64):
     return color, mask
 
 
-def one_backend(gpus: int, jobs_dir: str) -> dict:
+def one_backend(gpus: int, jobs_dir: str, device: str = "cuda") -> dict:
     import numpy as np
 
     from ex4d.errors import Cancelled
     from ex4d.protocol.client import Client
 
     address = f"tcp://127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "ex4d.cli", "serve", "--generator", "tiny", "--device", "cuda", "--gpus", str(gpus),
+    cmd = [sys.executable, "-m", "ex4d.cli", "serve", "--generator", "tiny", "--device", device, "--gpus", str(gpus),
            "--bind", address, "--jobs-dir", jobs_dir]
     log = open(os.path.join(jobs_dir + ".log"), "w")
     t0 = time.perf_counter()
@@ -99,14 +99,15 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", type=int, default=2)
+    p.add_argument("--device", default="cuda", help="cpu: a logic check of this script with --gpus 1")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
     report: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         outputs = {}
-        for gpus in (1, args.gpus):
+        for gpus in dict.fromkeys((1, args.gpus)):
             try:
-                report[f"{gpus}_gpus"], outputs[gpus] = one_backend(gpus, os.path.join(tmp, f"jobs{gpus}"))
+                report[f"{gpus}_gpus"], outputs[gpus] = one_backend(gpus, os.path.join(tmp, f"jobs{gpus}"), args.device)
             except Exception as e:  # noqa: BLE001 - report it
                 report[f"{gpus}_gpus"] = {"error": f"{type(e).__name__}: {e}"[:1000]}
         if len(outputs) == 2:

@@ -27,14 +27,15 @@ from ex4d.generate.sequence_parallel import SequenceGroup, enable_sequence_paral
 
 F, H, W, B = (int(v) for v in sys.argv[2].split(","))
 torch.manual_seed(0)
-dit = WanModel(**DIT_TINY).eval()
+config = dict(DIT_TINY, num_heads=int(sys.argv[4]), dim=128 * int(sys.argv[4]))  # head size 128, as Wan's
+dit = WanModel(**config).eval()
 if sys.argv[3] == "patched":
     accel.patch_block_forwards(dit)
 g = torch.Generator().manual_seed(1)
 S = F * (H // 2) * (W // 2)
 inputs = dict(latents=torch.randn(1, 16, F, H, W, generator=g), timestep=torch.tensor([731.0]),
               context=torch.randn(B, 8, DIT_TINY["text_dim"], generator=g), clip_feature=torch.randn(1, 257, 1280, generator=g),
-              y=torch.randn(1, 20, F, H, W, generator=g), video_tokens=torch.randn(1, S, DIT_TINY["dim"], generator=g))
+              y=torch.randn(1, 20, F, H, W, generator=g), video_tokens=torch.randn(1, S, config["dim"], generator=g))
 with torch.no_grad():
     rank = int(os.environ["RANK"])
     if rank == 0:  # the single-process reference, before the model is patched
@@ -55,7 +56,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp_path, world: int, shape: str, forward: str) -> tuple[np.ndarray, np.ndarray]:
+def _run(tmp_path, world: int, shape: str, forward: str, heads: int) -> tuple[np.ndarray, np.ndarray]:
     script = tmp_path / "sp.py"
     script.write_text(SCRIPT)
     out = tmp_path / f"out{world}"
@@ -64,7 +65,7 @@ def _run(tmp_path, world: int, shape: str, forward: str) -> tuple[np.ndarray, np
     for rank in range(world):
         env = dict(os.environ, PYTHONPATH=str(ROOT), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), str(out), shape, forward], env=env, cwd=str(ROOT),
+        procs.append(subprocess.Popen([sys.executable, str(script), str(out), shape, forward, str(heads)], env=env, cwd=str(ROOT),
                                       stderr=subprocess.PIPE, text=True))
     errs = []
     for p in procs:
@@ -79,11 +80,15 @@ def _run(tmp_path, world: int, shape: str, forward: str) -> tuple[np.ndarray, np
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", ["3,2,6,2",  # 9 tokens over 2 ranks: one padding token is masked; batched CFG
-                                   "2,4,4,1"])  # 8 tokens: no padding, one CFG branch
-@pytest.mark.parametrize("forward", ["diffsynth", "patched"])
-def test_sequence_parallel_matches_single_process(tmp_path, shape, forward):
-    single, split = _run(tmp_path, 2, shape, forward)
+@pytest.mark.parametrize("shape, forward, heads", [
+    ("3,2,6,2", "diffsynth", 2),  # 9 tokens over 2 ranks: one padding token is masked; batched CFG (overlap by batch)
+    ("3,2,6,2", "patched", 2),
+    ("2,4,4,1", "patched", 2),  # 8 tokens: no padding, one CFG branch, 1 head per rank (no overlap)
+    ("2,4,4,1", "patched", 4),  # two head groups overlap
+    ("2,4,4,2", "diffsynth", 4),
+])
+def test_sequence_parallel_matches_single_process(tmp_path, shape, forward, heads):
+    single, split = _run(tmp_path, 2, shape, forward, heads)
     assert split.shape == single.shape
     np.testing.assert_allclose(split, single, rtol=1e-4, atol=1e-5)
 

@@ -46,12 +46,22 @@ class SequenceGroup:
     def all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
         """Split ``x`` along ``scatter_dim`` into world parts, send part i to rank i, concatenate what
         comes back along ``gather_dim``."""
+        return self.all_to_all_start(x, scatter_dim, gather_dim)()
+
+    def all_to_all_start(self, x: torch.Tensor, scatter_dim: int, gather_dim: int):
+        """:meth:`all_to_all` started asynchronously: returns a function that waits and gives the result.
+        The transfer runs on NCCL's stream while the caller's stream goes on computing."""
         if self.world == 1:
-            return x
+            return lambda: x
         send = torch.stack(x.chunk(self.world, dim=scatter_dim)).contiguous()
         recv = torch.empty_like(send)
-        self.dist.all_to_all_single(recv, send, group=self.group)
-        return torch.cat(recv.unbind(0), dim=gather_dim)
+        work = self.dist.all_to_all_single(recv, send, group=self.group, async_op=True)
+
+        def finish():
+            work.wait()
+            return torch.cat(recv.unbind(0), dim=gather_dim)
+
+        return finish
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if self.world == 1:
@@ -103,15 +113,29 @@ def init_sequence_group(backend: str = "nccl") -> SequenceGroup:
 def ulysses_attention(sp: SequenceGroup, kernel):
     """An attention function for ``accel.block_forward`` on a token shard: q/k/v (b, n, S/N, d) ->
     all-to-all -> ``kernel`` on (b, n/N, S, d) -> all-to-all back. Kept out of torch.compile's graph
-    (the collectives and the padding mask run eagerly between the compiled halves of a block)."""
+    (the collectives and the padding mask run eagerly between the compiled halves of a block).
+
+    The heads go in two groups (or the CFG batch in its two halves) so that the transfers of one group
+    overlap the other's attention: only the first group's q/k/v and the last group's output wait."""
+
+    def attend(q, k, v):
+        if sp.key_mask is None:
+            return kernel(q, k, v)
+        # padded tokens: the masked default kernel (the fused kernels here take no mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=sp.key_mask.to(q.device).view(1, 1, 1, -1))
+
     @torch.compiler.disable
     def attention(q, k, v):
-        q, k, v = (sp.all_to_all(t, scatter_dim=1, gather_dim=2) for t in (q, k, v))
-        if sp.key_mask is None:
-            out = kernel(q, k, v)
-        else:  # padded tokens: the masked default kernel (the fused kernels here take no mask)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=sp.key_mask.to(q.device).view(1, 1, 1, -1))
-        return sp.all_to_all(out, scatter_dim=2, gather_dim=1)
+        if sp.world == 1:
+            return attend(q, k, v)
+        b, n = q.shape[:2]
+        dim = 1 if n % (2 * sp.world) == 0 else 0 if b > 1 else None
+        groups = [(q, k, v)] if dim is None else list(zip(q.chunk(2, dim), k.chunk(2, dim), v.chunk(2, dim)))
+        arrived = [[sp.all_to_all_start(t, scatter_dim=1, gather_dim=2) for t in group] for group in groups]
+        leaving = [sp.all_to_all_start(attend(*(wait() for wait in group)), scatter_dim=2, gather_dim=1)
+                   for group in arrived]
+        outs = [wait() for wait in leaving]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim)
 
     return attention
 
