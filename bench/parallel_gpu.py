@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--tiny", action="store_true", help="tiny random model (CPU logic check with --device cpu)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--profile-steps", type=int, default=0, help="profile this many N-GPU steps (torch.profiler, rank 0)")
     p.add_argument("--json-out")
     return p.parse_args(argv)
 
@@ -95,25 +96,57 @@ def timed_denoise(pipe, cond, noise, steps: int, clock) -> tuple[dict, list]:
     return entry, preds + [latents.float().cpu()]
 
 
-def all_to_all_seconds(sp, pipe, tokens: int, batch: int, clock, repeats: int = 3) -> float:
-    """Seconds of one step's Ulysses traffic alone: q, k, v, out all-to-alls for every block."""
+def all_to_all_seconds(sp, pipe, tokens: int, batch: int, clock, repeats: int = 3) -> tuple[float, float]:
+    """Seconds of one step's Ulysses traffic alone, every block's self-attention with the kernel left out:
+    as the attention runs it (with its one output copy), and NCCL's transfer alone on ready buffers."""
     import torch
+
+    from ex4d.generate.sequence_parallel import ulysses_attention
 
     attn = pipe.dit.blocks[0].self_attn
     heads, dim = attn.num_heads, attn.dim
     local = -(-tokens // sp.world)
     device = next(pipe.dit.parameters()).device
-    x = torch.randn(batch, heads, local, dim // heads, device=device, dtype=torch.bfloat16)
+    q = torch.randn(batch, sp.world, local, heads // sp.world, dim // heads, device=device, dtype=torch.bfloat16)
+    no_kernel = ulysses_attention(sp, lambda q, k, v: q)
     blocks = len(pipe.dit.blocks)
-    best = float("inf")
-    for _ in range(repeats):
-        sp.barrier()
-        t = clock()
-        for _ in range(blocks):
-            y = [sp.all_to_all(x, scatter_dim=1, gather_dim=2) for _ in range(3)]
-            sp.all_to_all(y[0], scatter_dim=2, gather_dim=1)
-        best = min(best, clock() - t)
-    return best
+
+    def best_of(fn) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            sp.barrier()
+            t = clock()
+            for _ in range(blocks):
+                fn()
+            best = min(best, clock() - t)
+        return best
+
+    send = q.flatten()
+    recv = torch.empty_like(send)
+
+    def nccl_only():
+        for _ in range(4):
+            sp.dist.all_to_all_single(recv, send, group=sp.group)
+
+    return best_of(lambda: no_kernel(q, q, q)), best_of(nccl_only)
+
+
+def profile_steps(pipe, cond, noise, args, sp) -> list[str]:
+    """The busiest CUDA kernels of a few steps (rank 0's view), as text rows."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    pipe.scheduler.set_timesteps(args.steps, denoising_strength=1.0, shift=5.0)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.no_grad(), profile(activities=activities) as prof:
+        for timestep in pipe.scheduler.timesteps[: args.profile_steps]:
+            pipe.predict_noise(noise.float(), timestep[None], cond)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    if sp.rank != 0:
+        return []
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total", row_limit=25, max_name_column_width=60)
+    return table.splitlines()
 
 
 def cosine(a, b) -> float:
@@ -162,9 +195,12 @@ def run_speed(args, speed: str, sp, device, clock) -> dict:
     split["wall_with_warmup_s"] = round(clock() - t, 1)
     peaks = sp.all_gather(torch.tensor([split["peak_gib"] or 0.0], device=sp._device()), dim=0)
     split["peak_gib_per_rank"] = [round(float(v), 2) for v in peaks]
-    comm = all_to_all_seconds(sp, pipe, tokens, batch, clock)
+    comm, nccl_only = all_to_all_seconds(sp, pipe, tokens, batch, clock)
+    if args.profile_steps:
+        entry["profile"] = profile_steps(pipe, cond, noise, args, sp)
     entry[f"{sp.world}_gpus"] = split
     entry["all_to_all_s_per_step"] = round(comm, 4)
+    entry["all_to_all_nccl_only_s_per_step"] = round(nccl_only, 4)
     entry["tokens"], entry["cfg_batch"] = tokens, batch
     entry["notices"] = notes
     if sp.rank == 0:

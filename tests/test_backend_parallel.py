@@ -81,10 +81,10 @@ def _run(tmp_path, world: int, shape: str, forward: str, heads: int) -> tuple[np
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shape, forward, heads", [
-    ("3,2,6,2", "diffsynth", 2),  # 9 tokens over 2 ranks: one padding token is masked; batched CFG (overlap by batch)
+    ("3,2,6,2", "diffsynth", 2),  # 9 tokens over 2 ranks: one padding token is masked; batched CFG
     ("3,2,6,2", "patched", 2),
-    ("2,4,4,1", "patched", 2),  # 8 tokens: no padding, one CFG branch, 1 head per rank (no overlap)
-    ("2,4,4,1", "patched", 4),  # two head groups overlap
+    ("2,4,4,1", "patched", 2),  # 8 tokens: no padding, one CFG branch, 1 head per rank
+    ("2,4,4,1", "patched", 4),  # 2 heads per rank: head groups side by side again after the way back
     ("2,4,4,2", "diffsynth", 4),
 ])
 def test_sequence_parallel_matches_single_process(tmp_path, shape, forward, heads):

@@ -349,11 +349,20 @@ def convert_blocks_to_fp8(dit: torch.nn.Module, names=FP8_LINEARS, weight_only=(
 # ----------------------------------------------------------------------------------- the block forward
 
 
+def head_groups(x: torch.Tensor, num_heads: int, groups: int) -> torch.Tensor:
+    """(b, s, n*d) -> contiguous (b, groups, s, n/groups, d): each head group's tokens in one block."""
+    b, s, c = x.shape
+    return x.view(b, s, groups, num_heads // groups, c // num_heads).transpose(1, 2).contiguous()
+
+
 def _self_attention(attn, x, cos, sin, attention):
     n = attn.num_heads
     q = rope_real(attn.norm_q(attn.q(x)), cos, sin, n)
     k = rope_real(attn.norm_k(attn.k(x)), cos, sin, n)
     v = attn.v(x)
+    groups = getattr(attention, "head_groups", 0)
+    if groups:  # a sharded attention (sequence parallel): (b, groups, s, n/groups, d) in, (b, s, n*d) out
+        return attn.o(attention(*(head_groups(t, n, groups) for t in (q, k, v))))
     out = attention(_heads(q, n), _heads(k, n), _heads(v, n))
     return attn.o(_merge_heads(out))
 

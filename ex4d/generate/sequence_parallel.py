@@ -43,23 +43,18 @@ class SequenceGroup:
         self.world = dist.get_world_size(group)
         self.key_mask = None  # (S_padded,) bool, set per forward when the sequence was padded
 
-    def all_to_all(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
-        """Split ``x`` along ``scatter_dim`` into world parts, send part i to rank i, concatenate what
-        comes back along ``gather_dim``."""
-        return self.all_to_all_start(x, scatter_dim, gather_dim)()
-
-    def all_to_all_start(self, x: torch.Tensor, scatter_dim: int, gather_dim: int):
-        """:meth:`all_to_all` started asynchronously: returns a function that waits and gives the result.
-        The transfer runs on NCCL's stream while the caller's stream goes on computing."""
+    def exchange(self, send: torch.Tensor):
+        """All-to-all of a contiguous tensor's leading dimension (block i goes to rank i; block j of the
+        result came from rank j), started asynchronously: returns a function that waits and gives the
+        result. The transfer runs on NCCL's stream while the caller's stream goes on computing."""
         if self.world == 1:
-            return lambda: x
-        send = torch.stack(x.chunk(self.world, dim=scatter_dim)).contiguous()
+            return lambda: send
         recv = torch.empty_like(send)
         work = self.dist.all_to_all_single(recv, send, group=self.group, async_op=True)
 
         def finish():
             work.wait()
-            return torch.cat(recv.unbind(0), dim=gather_dim)
+            return recv
 
         return finish
 
@@ -111,14 +106,17 @@ def init_sequence_group(backend: str = "nccl") -> SequenceGroup:
 
 
 def ulysses_attention(sp: SequenceGroup, kernel):
-    """An attention function for ``accel.block_forward`` on a token shard: q/k/v (b, n, S/N, d) ->
-    all-to-all -> ``kernel`` on (b, n/N, S, d) -> all-to-all back. Kept out of torch.compile's graph
-    (the collectives and the padding mask run eagerly between the compiled halves of a block).
+    """Self-attention on a token shard, in the sharded form ``accel.block_forward`` calls (attribute
+    ``head_groups``): q/k/v come as contiguous (b, N, S/N, n/N, d) - block j holds head group j, so the
+    all-to-all sends it to rank j with no copy - and arrive as (N, S/N, n/N, d) = this rank's heads over
+    the whole sequence, which ``kernel`` reads in place as (1, n/N, S, d). Its output goes back the same
+    way; one copy puts the head groups side by side: (b, S/N, n*d).
 
-    The heads go in two groups (or the CFG batch in its two halves) so that the transfers of one group
-    overlap the other's attention: only the first group's q/k/v and the last group's output wait."""
+    Each CFG branch (batch element) is sent on its own, so the second one's transfers overlap the first
+    one's attention. Kept out of torch.compile's graph: the compiled block breaks around it."""
 
     def attend(q, k, v):
+        q, k, v = (t.flatten(0, 1).unsqueeze(0).transpose(1, 2) for t in (q, k, v))  # (1, n/N, S, d) views
         if sp.key_mask is None:
             return kernel(q, k, v)
         # padded tokens: the masked default kernel (the fused kernels here take no mask)
@@ -126,32 +124,33 @@ def ulysses_attention(sp: SequenceGroup, kernel):
 
     @torch.compiler.disable
     def attention(q, k, v):
-        if sp.world == 1:
-            return attend(q, k, v)
-        b, n = q.shape[:2]
-        dim = 1 if n % (2 * sp.world) == 0 else 0 if b > 1 else None
-        groups = [(q, k, v)] if dim is None else list(zip(q.chunk(2, dim), k.chunk(2, dim), v.chunk(2, dim)))
-        arrived = [[sp.all_to_all_start(t, scatter_dim=1, gather_dim=2) for t in group] for group in groups]
-        leaving = [sp.all_to_all_start(attend(*(wait() for wait in group)), scatter_dim=2, gather_dim=1)
-                   for group in arrived]
-        outs = [wait() for wait in leaving]
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim)
+        b, groups, s_local, h, d = q.shape
+        arrived = [[sp.exchange(t[i]) for t in (q, k, v)] for i in range(b)]
+        leaving = []
+        for parts in arrived:
+            out = attend(*(wait() for wait in parts)).transpose(1, 2)  # (1, S, n/N, d)
+            leaving.append(sp.exchange(out.reshape(groups, s_local, h, d)))
+        merged = q.new_empty(b, s_local, groups, h, d)
+        for i, wait in enumerate(leaving):
+            merged[i] = wait().transpose(0, 1)  # (head group, token) -> (token, head group)
+        return merged.view(b, s_local, groups * h * d)
 
+    attention.head_groups = sp.world
     return attention
 
 
 def _ulysses_module_forward(self, x, freqs):
     """diffsynth ``SelfAttention.forward`` for a token shard (the unpatched block forward)."""
     from diffsynth.models.wan_video_dit import rope_apply
-    from einops import rearrange
+
+    from .accel import head_groups
 
     n = self.num_heads
     q = rope_apply(self.norm_q(self.q(x)), freqs, n)
     k = rope_apply(self.norm_k(self.k(x)), freqs, n)
     v = self.v(x)
-    q, k, v = (rearrange(t, "b s (n d) -> b n s d", n=n) for t in (q, k, v))
-    out = self._ex4d_ulysses(q, k, v)
-    return self.o(rearrange(out, "b n s d -> b s (n d)"))
+    groups = self._ex4d_ulysses.head_groups
+    return self.o(self._ex4d_ulysses(*(head_groups(t, n, groups) for t in (q, k, v))))
 
 
 def enable_sequence_parallel(dit, sp: SequenceGroup) -> None:
