@@ -101,16 +101,14 @@ def all_to_all_seconds(sp, pipe, tokens: int, batch: int, clock, repeats: int = 
     as the attention runs it (with its one output copy), and NCCL's transfer alone on ready buffers."""
     import torch
 
-    from ex4d.generate.sequence_parallel import overlap_chunks, ulysses_attention
+    from ex4d.generate.sequence_parallel import ulysses_attention
 
     attn = pipe.dit.blocks[0].self_attn
     heads, dim = attn.num_heads, attn.dim
     local = -(-tokens // sp.world)
     device = next(pipe.dit.parameters()).device
-    chunks = overlap_chunks(heads, sp.world)
-    q = torch.randn(batch, chunks, sp.world, local, heads // sp.world // chunks, dim // heads, device=device,
-                    dtype=torch.bfloat16)
-    no_kernel = ulysses_attention(sp, lambda q, k, v: q, chunks)
+    q = torch.randn(batch, sp.world, local, heads // sp.world, dim // heads, device=device, dtype=torch.bfloat16)
+    no_kernel = ulysses_attention(sp, lambda q, k, v: q)
     blocks = len(pipe.dit.blocks)
 
     def best_of(fn) -> float:

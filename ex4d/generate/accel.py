@@ -349,12 +349,10 @@ def convert_blocks_to_fp8(dit: torch.nn.Module, names=FP8_LINEARS, weight_only=(
 # ----------------------------------------------------------------------------------- the block forward
 
 
-def head_groups(x: torch.Tensor, num_heads: int, groups: int, chunks: int = 1) -> torch.Tensor:
-    """(b, s, n*d) -> contiguous (b, chunks, groups, s, n/(chunks*groups), d): each chunk's head groups,
-    every group's tokens in one block (head index = (group * chunks + chunk) * per_group + j)."""
+def head_groups(x: torch.Tensor, num_heads: int, groups: int) -> torch.Tensor:
+    """(b, s, n*d) -> contiguous (b, groups, s, n/groups, d): each head group's tokens in one block."""
     b, s, c = x.shape
-    per = num_heads // (groups * chunks)
-    return x.view(b, s, groups, chunks, per, c // num_heads).permute(0, 3, 2, 1, 4, 5).contiguous()
+    return x.view(b, s, groups, num_heads // groups, c // num_heads).transpose(1, 2).contiguous()
 
 
 def _self_attention(attn, x, cos, sin, attention):
@@ -363,8 +361,8 @@ def _self_attention(attn, x, cos, sin, attention):
     k = rope_real(attn.norm_k(attn.k(x)), cos, sin, n)
     v = attn.v(x)
     groups = getattr(attention, "head_groups", 0)
-    if groups:  # a sharded attention (sequence parallel): head_groups(...) in, (b, s, n*d) out
-        return attn.o(attention(*(head_groups(t, n, groups, attention.head_chunks) for t in (q, k, v))))
+    if groups:  # a sharded attention (sequence parallel): (b, groups, s, n/groups, d) in, (b, s, n*d) out
+        return attn.o(attention(*(head_groups(t, n, groups) for t in (q, k, v))))
     out = attention(_heads(q, n), _heads(k, n), _heads(v, n))
     return attn.o(_merge_heads(out))
 

@@ -105,20 +105,18 @@ def init_sequence_group(backend: str = "nccl") -> SequenceGroup:
 # ------------------------------------------------------------------------------------------- attention
 
 
-def ulysses_attention(sp: SequenceGroup, kernel, chunks: int = 1):
-    """Self-attention on a token shard, in the sharded form ``accel.block_forward`` calls (attributes
-    ``head_groups``, ``head_chunks``): q/k/v come as contiguous (b, chunks, N, S/N, h, d) from
-    :func:`~ex4d.generate.accel.head_groups` - block j of a piece holds head group j, so the all-to-all
-    sends it to rank j with no copy - and each piece arrives as (N, S/N, h, d) = h of this rank's heads
-    over the whole sequence, which ``kernel`` reads in place as (1, h, S, d). Its output goes back the
-    same way; one copy puts the head groups side by side: (b, S/N, n*d).
+def ulysses_attention(sp: SequenceGroup, kernel):
+    """Self-attention on a token shard, in the sharded form ``accel.block_forward`` calls (attribute
+    ``head_groups``): q/k/v come as contiguous (b, N, S/N, n/N, d) - block j holds head group j, so the
+    all-to-all sends it to rank j with no copy - and arrive as (N, S/N, n/N, d) = this rank's heads over
+    the whole sequence, which ``kernel`` reads in place as (1, n/N, S, d). Its output goes back the same
+    way; one copy puts the head groups side by side: (b, S/N, n*d).
 
-    Pieces (CFG branch x head chunk) are sent one by one, so a piece's transfers overlap the attention of
-    the piece before; only the first piece's q/k/v and the last one's output wait. Kept out of
-    torch.compile's graph: the compiled block breaks around it."""
+    Each CFG branch (batch element) is sent on its own, so the second one's transfers overlap the first
+    one's attention. Kept out of torch.compile's graph: the compiled block breaks around it."""
 
     def attend(q, k, v):
-        q, k, v = (t.flatten(0, 1).unsqueeze(0).transpose(1, 2) for t in (q, k, v))  # (1, h, S, d) views
+        q, k, v = (t.flatten(0, 1).unsqueeze(0).transpose(1, 2) for t in (q, k, v))  # (1, n/N, S, d) views
         if sp.key_mask is None:
             return kernel(q, k, v)
         # padded tokens: the masked default kernel (the fused kernels here take no mask)
@@ -126,20 +124,18 @@ def ulysses_attention(sp: SequenceGroup, kernel, chunks: int = 1):
 
     @torch.compiler.disable
     def attention(q, k, v):
-        b, c, groups, s_local, h, d = q.shape
-        pieces = [(i, j) for i in range(b) for j in range(c)]
-        arrived = [[sp.exchange(t[i, j]) for t in (q, k, v)] for i, j in pieces]
+        b, groups, s_local, h, d = q.shape
+        arrived = [[sp.exchange(t[i]) for t in (q, k, v)] for i in range(b)]
         leaving = []
         for parts in arrived:
-            out = attend(*(wait() for wait in parts)).transpose(1, 2)  # (1, S, h, d)
+            out = attend(*(wait() for wait in parts)).transpose(1, 2)  # (1, S, n/N, d)
             leaving.append(sp.exchange(out.reshape(groups, s_local, h, d)))
-        merged = q.new_empty(b, s_local, groups, c, h, d)
-        for (i, j), wait in zip(pieces, leaving):
-            merged[i, :, :, j] = wait().transpose(0, 1)  # (head group, token) -> (token, head group)
-        return merged.view(b, s_local, groups * c * h * d)
+        merged = q.new_empty(b, s_local, groups, h, d)
+        for i, wait in enumerate(leaving):
+            merged[i] = wait().transpose(0, 1)  # (head group, token) -> (token, head group)
+        return merged.view(b, s_local, groups * h * d)
 
     attention.head_groups = sp.world
-    attention.head_chunks = chunks
     return attention
 
 
@@ -153,14 +149,8 @@ def _ulysses_module_forward(self, x, freqs):
     q = rope_apply(self.norm_q(self.q(x)), freqs, n)
     k = rope_apply(self.norm_k(self.k(x)), freqs, n)
     v = self.v(x)
-    ulysses = self._ex4d_ulysses
-    return self.o(ulysses(*(head_groups(t, n, ulysses.head_groups, ulysses.head_chunks) for t in (q, k, v))))
-
-
-def overlap_chunks(heads: int, world: int) -> int:
-    """Head chunks per CFG branch: two (transfers of one overlap attention of the other) where the heads
-    allow it."""
-    return 2 if heads % (2 * world) == 0 else 1
+    groups = self._ex4d_ulysses.head_groups
+    return self.o(self._ex4d_ulysses(*(head_groups(t, n, groups) for t in (q, k, v))))
 
 
 def enable_sequence_parallel(dit, sp: SequenceGroup) -> None:
@@ -173,13 +163,12 @@ def enable_sequence_parallel(dit, sp: SequenceGroup) -> None:
     patched = getattr(dit, "_ex4d_block_levers", None)
     if patched is not None and all("forward" in block.__dict__ for block in dit.blocks):
         kernel = patched["self_attention"] or patched["attention"]
-        ulysses = ulysses_attention(sp, kernel, overlap_chunks(heads, sp.world))
-        accel.patch_block_forwards(dit, **{**patched, "self_attention": ulysses})
+        accel.patch_block_forwards(dit, **{**patched, "self_attention": ulysses_attention(sp, kernel)})
         dit._ex4d_block_levers = patched  # the single-GPU choice stays the record (enabling twice does not nest)
         return
     for block in dit.blocks:
         attn = block.self_attn
-        attn._ex4d_ulysses = ulysses_attention(sp, accel.sdpa_default, overlap_chunks(heads, sp.world))
+        attn._ex4d_ulysses = ulysses_attention(sp, accel.sdpa_default)
         attn.forward = types.MethodType(_ulysses_module_forward, attn)
 
 
