@@ -43,20 +43,15 @@ class SequenceGroup:
         self.world = dist.get_world_size(group)
         self.key_mask = None  # (S_padded,) bool, set per forward when the sequence was padded
 
-    def exchange(self, send: torch.Tensor):
-        """All-to-all of a contiguous tensor's leading dimension (block i goes to rank i; block j of the
-        result came from rank j), started asynchronously: returns a function that waits and gives the
-        result. The transfer runs on NCCL's stream while the caller's stream goes on computing."""
+    def exchange(self, send: torch.Tensor) -> torch.Tensor:
+        """All-to-all of a contiguous tensor's leading dimension: block i goes to rank i, block j of the
+        result came from rank j. A functional collective: it returns at once and the result is waited
+        for where it is first used, and torch.compile keeps it inside the compiled graph."""
         if self.world == 1:
-            return lambda: send
-        recv = torch.empty_like(send)
-        work = self.dist.all_to_all_single(recv, send, group=self.group, async_op=True)
+            return send
+        import torch.distributed._functional_collectives as funcol
 
-        def finish():
-            work.wait()
-            return recv
-
-        return finish
+        return funcol.all_to_all_single(send, None, None, self.group or self.dist.group.WORLD)
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if self.world == 1:
@@ -106,14 +101,16 @@ def init_sequence_group(backend: str = "nccl") -> SequenceGroup:
 
 
 def ulysses_attention(sp: SequenceGroup, kernel):
-    """Self-attention on a token shard, in the sharded form ``accel.block_forward`` calls (attribute
-    ``head_groups``): q/k/v come as contiguous (b, N, S/N, n/N, d) - block j holds head group j, so the
-    all-to-all sends it to rank j with no copy - and arrive as (N, S/N, n/N, d) = this rank's heads over
-    the whole sequence, which ``kernel`` reads in place as (1, n/N, S, d). Its output goes back the same
-    way; one copy puts the head groups side by side: (b, S/N, n*d).
+    """Self-attention on a token shard, in the sharded form ``accel.block_forward`` calls (attributes
+    ``head_groups`` and ``send``). ``send`` takes q, k or v as contiguous (b, N, S/N, n/N, d) from
+    :func:`~ex4d.generate.accel.head_groups` - block j holds head group j, so the all-to-all sends it to
+    rank j with no copy - and returns per CFG branch (N, S/N, n/N, d): this rank's heads over the whole
+    sequence, which ``kernel`` reads in place as (1, n/N, S, d). The output goes back the same way and
+    the head groups are put side by side again: (b, S/N, n*d).
 
-    Each CFG branch (batch element) is sent on its own, so the second one's transfers overlap the first
-    one's attention. Kept out of torch.compile's graph: the compiled block breaks around it."""
+    Every transfer is started where its data is ready and waited for where it is used: the q/k/v of a
+    branch travel while the next projection or the other branch's attention runs, and a branch's output
+    travels while the next branch attends (the collectives are traced into a compiled block)."""
 
     def attend(q, k, v):
         q, k, v = (t.flatten(0, 1).unsqueeze(0).transpose(1, 2) for t in (q, k, v))  # (1, n/N, S, d) views
@@ -122,20 +119,19 @@ def ulysses_attention(sp: SequenceGroup, kernel):
         # padded tokens: the masked default kernel (the fused kernels here take no mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=sp.key_mask.to(q.device).view(1, 1, 1, -1))
 
-    @torch.compiler.disable
+    def send(t):
+        return [sp.exchange(t[i]) for i in range(t.shape[0])]
+
     def attention(q, k, v):
-        b, groups, s_local, h, d = q.shape
-        arrived = [[sp.exchange(t[i]) for t in (q, k, v)] for i in range(b)]
-        leaving = []
-        for parts in arrived:
-            out = attend(*(wait() for wait in parts)).transpose(1, 2)  # (1, S, n/N, d)
-            leaving.append(sp.exchange(out.reshape(groups, s_local, h, d)))
-        merged = q.new_empty(b, s_local, groups, h, d)
-        for i, wait in enumerate(leaving):
-            merged[i] = wait().transpose(0, 1)  # (head group, token) -> (token, head group)
-        return merged.view(b, s_local, groups * h * d)
+        back = []
+        for qi, ki, vi in zip(q, k, v):
+            out = attend(qi, ki, vi).transpose(1, 2)  # (1, S, n/N, d)
+            back.append(sp.exchange(out.reshape(qi.shape)))
+        merged = torch.stack([o.transpose(0, 1) for o in back])  # (b, S/N, N, n/N, d): groups side by side
+        return merged.flatten(2)
 
     attention.head_groups = sp.world
+    attention.send = send
     return attention
 
 
@@ -149,8 +145,8 @@ def _ulysses_module_forward(self, x, freqs):
     q = rope_apply(self.norm_q(self.q(x)), freqs, n)
     k = rope_apply(self.norm_k(self.k(x)), freqs, n)
     v = self.v(x)
-    groups = self._ex4d_ulysses.head_groups
-    return self.o(self._ex4d_ulysses(*(head_groups(t, n, groups) for t in (q, k, v))))
+    ulysses = self._ex4d_ulysses
+    return self.o(ulysses(*(ulysses.send(head_groups(t, n, ulysses.head_groups)) for t in (q, k, v))))
 
 
 def enable_sequence_parallel(dit, sp: SequenceGroup) -> None:
