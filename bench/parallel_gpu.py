@@ -193,7 +193,7 @@ def run_speed(args, speed: str, sp, device, clock) -> dict:
         print(json.dumps({speed: {"one_gpu": entry["one_gpu"]["median_step_s"]}}), file=sys.stderr, flush=True)
     sp.barrier()
 
-    make_sequence_parallel(pipe, sp)
+    make_sequence_parallel(pipe, sp, notice=notes.append)
     t = clock()
     split, many = timed_denoise(pipe, cond, noise, args.steps, clock)
     split["wall_with_warmup_s"] = round(clock() - t, 1)

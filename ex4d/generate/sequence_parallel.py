@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -149,8 +150,14 @@ def _ulysses_module_forward(self, x, freqs):
     return self.o(ulysses(*(ulysses.send(head_groups(t, n, ulysses.head_groups)) for t in (q, k, v))))
 
 
-def enable_sequence_parallel(dit, sp: SequenceGroup) -> None:
-    """Make every block's self-attention Ulysses over ``sp`` (in place), for the block forward in use."""
+# Measured on 2 H200s (docs/benchmarks.md section 6): cuDNN's FP8 attention on the gathered heads made the
+# step slower than one GPU's (1.26 s vs 1.15 s), so under Ulysses the bf16 kernel attends instead.
+FP8_ATTENTION_UNDER_ULYSSES = "FP8 self-attention is slower under sequence parallel here; bf16 cuDNN attention is used"
+
+
+def enable_sequence_parallel(dit, sp: SequenceGroup) -> dict:
+    """Make every block's self-attention Ulysses over ``sp`` (in place), for the block forward in use.
+    Returns the speed levers it had to drop, with why."""
     from . import accel
 
     heads = dit.blocks[0].self_attn.num_heads
@@ -158,14 +165,16 @@ def enable_sequence_parallel(dit, sp: SequenceGroup) -> None:
         raise InputError(f"{sp.world} GPUs do not divide the model's {heads} attention heads; use a divisor of {heads}")
     patched = getattr(dit, "_ex4d_block_levers", None)
     if patched is not None and all("forward" in block.__dict__ for block in dit.blocks):
-        kernel = patched["self_attention"] or patched["attention"]
+        dropped = {"fp8_attention": FP8_ATTENTION_UNDER_ULYSSES} if patched["self_attention"] and sp.world > 1 else {}
+        kernel = patched["attention"] if dropped else patched["self_attention"] or patched["attention"]
         accel.patch_block_forwards(dit, **{**patched, "self_attention": ulysses_attention(sp, kernel)})
         dit._ex4d_block_levers = patched  # the single-GPU choice stays the record (enabling twice does not nest)
-        return
+        return dropped
     for block in dit.blocks:
         attn = block.self_attn
         attn._ex4d_ulysses = ulysses_attention(sp, accel.sdpa_default)
         attn.forward = types.MethodType(_ulysses_module_forward, attn)
+    return {}
 
 
 def sequence_parallel_model_fn(dit, latents, timestep, context, clip_feature, y, video_tokens=None, *,
@@ -197,10 +206,16 @@ def sequence_parallel_model_fn(dit, latents, timestep, context, clip_feature, y,
     return dit.unpatchify(x, (f, h, w))
 
 
-def make_sequence_parallel(pipe, sp: SequenceGroup):
+def make_sequence_parallel(pipe, sp: SequenceGroup, notice=warnings.warn):
     """An assembled :class:`~ex4d.generate.pipeline.Ex4dPipeline` runs its DiT split over ``sp`` (in place)."""
     if getattr(pipe, "step_cache", None) is not None:
         raise InputError("the preview cache needs one GPU (the split model function runs every step)")
-    enable_sequence_parallel(pipe.dit, sp)
+    dropped = enable_sequence_parallel(pipe.dit, sp)
+    report = getattr(pipe, "speed_report", None)
+    for lever, why in dropped.items():
+        notice(f"speed {pipe.speed}: {lever} not used on {sp.world} GPUs ({why})")
+        if report is not None:
+            report["levers"] = [lv for lv in report["levers"] if lv != lever]
+            report["skipped"][lever] = why
     pipe.model_fn = lambda **kw: sequence_parallel_model_fn(sp=sp, **kw)
     return pipe
