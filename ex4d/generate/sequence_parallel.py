@@ -2,12 +2,12 @@
 processes (one per GPU) runs every block on 1/N of the video tokens; self-attention trades the token split
 for a head split with one all-to-all before and one after.
 
-* :class:`SequenceGroup` - the three collectives Ulysses needs, over any ``torch.distributed`` group (NCCL
-  on GPUs; gloo in the CPU tests).
+* :class:`SequenceGroup` - the collectives Ulysses and the lock-step service need, over any
+  ``torch.distributed`` group (NCCL on GPUs; gloo in the CPU tests).
 * :func:`enable_sequence_parallel` - makes a DiT's self-attention Ulysses. It follows the block forward in
   use: diffsynth's own (the ``reference`` speed: the attention module's forward is swapped) or the speed
-  levers' patched forward (:func:`ex4d.generate.accel.patch_block_forwards`; the chosen kernel - cuDNN,
-  FP8 - runs inside the all-to-alls, and a compiled block breaks its graph around them).
+  levers' patched forward (:func:`ex4d.generate.accel.patch_block_forwards`; the chosen kernel runs
+  between the all-to-alls, which are traced into the compiled block as functional collectives).
 * :func:`sequence_parallel_model_fn` - ``ex4d_model_fn`` with the split: patch embedding and the EX-4D
   condition tokens on the FULL sequence, then each rank takes its slice of tokens and RoPE frequencies, runs
   the blocks and the head, and an all-gather rebuilds the sequence. Padding tokens (when N does not divide
