@@ -222,6 +222,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from ex4d.camera import atomic_write_text
     from ex4d.generate.sequence_parallel import init_sequence_group
 
     sp = init_sequence_group("nccl" if args.device == "cuda" else "gloo")
@@ -243,10 +244,7 @@ def main(argv=None) -> int:
         text = json.dumps(report, indent=1)
         print(text)
         if args.json_out:
-            tmp = args.json_out + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, args.json_out)
+            atomic_write_text(args.json_out, text)
     sp.dist.destroy_process_group()
     return 0 if ok else 1
 

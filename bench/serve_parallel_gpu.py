@@ -50,7 +50,7 @@ def one_backend(gpus: int, jobs_dir: str, device: str = "cuda") -> dict:
     address = f"tcp://127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "ex4d.cli", "serve", "--generator", "tiny", "--device", device, "--gpus", str(gpus),
            "--bind", address, "--jobs-dir", jobs_dir]
-    log = open(os.path.join(jobs_dir + ".log"), "w")
+    log = open(jobs_dir + ".log", "w")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     entry: dict = {"gpus": gpus}
@@ -97,6 +97,8 @@ def main(argv=None) -> int:
 
     import numpy as np
 
+    from ex4d.camera import atomic_write_text
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--device", default="cuda", help="cpu: a logic check of this script with --gpus 1")
@@ -118,9 +120,7 @@ def main(argv=None) -> int:
     text = json.dumps(report, indent=1)
     print(text)
     if args.json_out:
-        with open(args.json_out + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(args.json_out + ".tmp", args.json_out)
+        atomic_write_text(args.json_out, text)
     ok = all("error" not in v for v in report.values() if isinstance(v, dict))
     return 0 if ok else 1
 

@@ -20,9 +20,7 @@ whole shot) seconds and peak GPU memory, per run, and the ratios.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -205,6 +203,7 @@ def run(args) -> int:
     import numpy as np
     import torch
 
+    from ..camera import atomic_write_text
     from ..errors import InputError
 
     if args.size % 16 or (args.frames - 1) % 4 or args.steps < 1:
@@ -375,10 +374,7 @@ def run(args) -> int:
     text = json.dumps(report, indent=1)
     print(text)
     if args.json_out:
-        tmp = args.json_out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, args.json_out)
+        atomic_write_text(args.json_out, text)
     return 0 if all("error" not in r for r in report["runs"].values()) else 1
 
 
