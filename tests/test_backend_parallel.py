@@ -98,6 +98,19 @@ def test_sequence_parallel_matches_single_process(tmp_path, shape, forward, head
     np.testing.assert_allclose(split, single, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("world, shape", [
+    (4, "3,2,6,2"),  # 9 tokens over 4 ranks: 3 of 12 are padding
+    (4, "2,4,4,2"),  # 8 tokens: 2 per rank
+    (5, "2,4,4,2"),  # 8 tokens over 5 ranks (40 heads / 5 on the real model): 2 of 10 are padding
+])
+def test_more_ranks_match_single_process(tmp_path, world, shape):
+    """The code path of ``--gpus 4`` and ``--gpus 5``: one head per rank."""
+    single, split, _ = _run(tmp_path, world, shape, "patched", world)
+    assert split.shape == single.shape
+    np.testing.assert_allclose(split, single, rtol=1e-4, atol=1e-5)
+
+
 def test_more_gpus_than_installed_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ex4d.cli", "serve", "--gpus", "2", "--generator", "ex4d", "--jobs-dir",
                         str(tmp_path / "j")], capture_output=True, text=True, timeout=120, cwd=str(ROOT))
