@@ -90,16 +90,22 @@ def follow_rank0(generator, sp: SequenceGroup) -> None:
 # ------------------------------------------------------------------------------------------------------
 
 
-def check_parallel_setup(gpus: int, generator: str) -> None:
-    """Clear errors before anything starts: generator, NCCL, enough GPUs."""
+def check_parallel_setup(gpus: int, generator: str, device: str = "auto") -> None:
+    """Clear errors before anything starts: generator, NCCL, enough GPUs. ``--device cpu`` runs the N
+    ranks as CPU processes over gloo (slower than one process: it exists to test the service's lock step)."""
     if generator not in ("ex4d", "tiny"):
         raise InputError(f"--gpus {gpus} runs the ex4d generator in parallel; --generator {generator} uses one device")
     import torch
     import torch.distributed as dist
 
+    if device == "cpu":
+        if not dist.is_available() or not dist.is_gloo_available():
+            raise InputError(f"--gpus {gpus} --device cpu: this torch build has no gloo (torch.distributed)")
+        return
+    if device not in ("auto", "cuda"):
+        raise InputError(f"--gpus {gpus} uses cuda:0..{gpus - 1} (one process each); leave --device out")
     if not dist.is_available() or not dist.is_nccl_available():
         raise InputError(f"--gpus {gpus}: this torch build has no NCCL (torch.distributed); run with --gpus 1")
-
     if not torch.cuda.is_available() or torch.cuda.device_count() < gpus:
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
         raise InputError(f"--gpus {gpus}: this machine has {have} CUDA GPU(s)")
@@ -109,10 +115,7 @@ def launch_parallel(args) -> int:
     """Re-run ``ex4d serve`` under torchrun with one process per GPU (called by ``ex4d serve --gpus N``)."""
     import subprocess
 
-    from backend.server import check_bind
-
-    check_bind(args.bind, args.keys_dir)
-    check_parallel_setup(args.gpus, args.generator)
+    check_parallel_setup(args.gpus, args.generator, args.device)
     argv = [a for a in sys.argv[1:]]
     if argv and argv[0] == "serve":
         argv = argv[1:]
@@ -130,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     from ex4d.generate import load_generator
 
     args = build_parser().parse_args(argv if argv is not None else sys.argv[1:])
-    sp = init_sequence_group()
+    on_cpu = args.device == "cpu"
+    sp = init_sequence_group("gloo" if on_cpu else "nccl")
     rank = sp.rank
-    device = f"cuda:{torch.cuda.current_device()}"
+    device = "cpu" if on_cpu else f"cuda:{torch.cuda.current_device()}"
     from ex4d.commands.generate import generator_kwargs
 
     kwargs = {"models_dir": args.models, "device": device, **generator_kwargs(args)}
@@ -143,16 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         follow_rank0(generator, sp)
         return 0
 
-    from pathlib import Path
-
-    from backend.server import ServeConfig, serve
+    from backend.server import serve
     from backend.workers import Engine
-    from ex4d.protocol.wire import Limits
+    from ex4d.commands.serve import serve_config
 
-    total = int(args.max_message_mb * 2**20)
-    config = ServeConfig(bind=args.bind, jobs_dir=Path(args.jobs_dir), max_queue=args.max_queue, ttl_s=args.ttl * 3600.0,
-                         keys_dir=Path(args.keys_dir) if args.keys_dir else None, heartbeat_s=args.heartbeat,
-                         limits=Limits(max_message_bytes=total, max_array_bytes=max(total // 2, 1)))
+    config = serve_config(args)
     engine = Engine(generator=args.generator, models_dir=args.models, device=device, memory_mode=args.memory_mode,
                     depth_weights=args.depth_weights, renderer=args.renderer, gpus=args.gpus, speed=args.speed,
                     vram_limit_gb=args.vram_limit)

@@ -2,6 +2,7 @@
 cancel, through a real ZeroMQ client, compared with ``ex4d serve --gpus 1``.
 
     python bench/serve_parallel_gpu.py --gpus 2 --json-out $OUT/serve_parallel.json
+    python bench/serve_parallel_gpu.py --gpus 2 --device cpu   # CPU ranks over gloo (tests/test_backend_parallel.py)
 
 Both backends run the ``tiny`` generator (the same pipeline classes with seeded random weights: the full
 model's weights cannot be downloaded here; bench/parallel_gpu.py measures the full-size model). Per
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", type=int, default=2)
-    p.add_argument("--device", default="cuda", help="cpu: a logic check of this script with --gpus 1")
+    p.add_argument("--device", default="cuda", help="cpu: the ranks are CPU processes over gloo (a logic check)")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
     report: dict = {}

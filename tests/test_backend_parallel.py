@@ -116,3 +116,21 @@ def test_more_gpus_than_installed_is_a_clear_error(tmp_path):
                         str(tmp_path / "j")], capture_output=True, text=True, timeout=120, cwd=str(ROOT))
     assert r.returncode == 2
     assert "CUDA GPU" in r.stderr or "NCCL" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_service_on_two_ranks_matches_one_and_cancels(tmp_path):
+    """``ex4d serve --gpus 2`` end to end (torchrun, lock-step generation, agreed cancel) with CPU ranks over
+    gloo, against ``--gpus 1``, through a real ZeroMQ client (the GPU run of the same script: benchmarks.md)."""
+    import json
+
+    out = tmp_path / "serve.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_parallel_gpu.py"), "--gpus", "2", "--device", "cpu",
+                        "--json-out", str(out)], capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    report = json.loads(out.read_text())
+    for ranks in ("1_gpus", "2_gpus"):
+        run = report[ranks]
+        assert run["capabilities"]["parallel_gpus"] == int(ranks[0])
+        assert run["cancel"].startswith("cancelled") and run["after_cancel_same_frames"], run
+    assert report["frames_max_abs_diff"] <= 1  # float32 sums in another order: at most one level of 255

@@ -116,9 +116,21 @@ def add_shot_arguments(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def cmd_serve(args) -> int:
+def serve_config(args):
+    """The service settings of ``ex4d serve``'s options (shared with each ``--gpus N`` rank 0)."""
     from pathlib import Path
 
+    from backend.server import ServeConfig
+
+    from ..protocol.wire import Limits
+
+    total = int(args.max_message_mb * 2**20)
+    limits = Limits(max_message_bytes=total, max_array_bytes=max(total // 2, 1))
+    return ServeConfig(bind=args.bind, jobs_dir=Path(args.jobs_dir), max_queue=args.max_queue, ttl_s=args.ttl * 3600.0,
+                       keys_dir=Path(args.keys_dir) if args.keys_dir else None, heartbeat_s=args.heartbeat, limits=limits)
+
+
+def cmd_serve(args) -> int:
     from ..errors import InputError
 
     if args.max_queue < 1:
@@ -127,14 +139,12 @@ def cmd_serve(args) -> int:
         raise InputError("--gpus must be at least 1")
     if args.heartbeat <= 0:
         raise InputError("--heartbeat must be positive")
+    if args.max_message_mb <= 0:
+        raise InputError("--max-message-mb must be positive")
     if args.gpus > 1 and args.preview_cache:
         raise InputError("--preview-cache needs --gpus 1 (the sequence-parallel model function runs every step)")
-    if args.gpus > 1:
-        from backend.parallel import launch_parallel
 
-        return launch_parallel(args)
-
-    from backend.server import ServeConfig, check_bind, serve
+    from backend.server import check_bind, serve
     from backend.workers import Engine
 
     check_bind(args.bind, args.keys_dir)  # fail before loading any model
@@ -143,14 +153,12 @@ def cmd_serve(args) -> int:
 
         server_secret(args.keys_dir)
         authorized_dir(args.keys_dir)
-    if args.max_message_mb <= 0:
-        raise InputError("--max-message-mb must be positive")
-    from ..protocol.wire import Limits
+    if args.gpus > 1:
+        from backend.parallel import launch_parallel
 
-    total = int(args.max_message_mb * 2**20)
-    limits = Limits(max_message_bytes=total, max_array_bytes=max(total // 2, 1))
-    config = ServeConfig(bind=args.bind, jobs_dir=Path(args.jobs_dir), max_queue=args.max_queue, ttl_s=args.ttl * 3600.0,
-                         keys_dir=Path(args.keys_dir) if args.keys_dir else None, heartbeat_s=args.heartbeat, limits=limits)
+        return launch_parallel(args)
+
+    config = serve_config(args)
     engine = Engine(generator=args.generator, models_dir=args.models, device=args.device, memory_mode=args.memory_mode,
                     depth_weights=args.depth_weights, renderer=args.renderer, speed=args.speed,
                     vram_limit_gb=args.vram_limit, preview_cache=args.preview_cache)
