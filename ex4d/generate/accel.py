@@ -358,19 +358,17 @@ def head_groups(x: torch.Tensor, num_heads: int, groups: int) -> torch.Tensor:
 def _self_attention(attn, x, cos, sin, attention):
     n = attn.num_heads
     groups = getattr(attention, "head_groups", 0)
-    if groups:
-        # A sharded attention (sequence parallel): each of q, k, v is handed to ``attention.send`` as soon
-        # as it exists, grouped by destination rank, so its transfer overlaps the next projection.
-        send = attention.send
-        q = send(head_groups(rope_real(attn.norm_q(attn.q(x)), cos, sin, n), n, groups))
-        k = send(head_groups(rope_real(attn.norm_k(attn.k(x)), cos, sin, n), n, groups))
-        v = send(head_groups(attn.v(x), n, groups))
-        return attn.o(attention(q, k, v))
-    q = rope_real(attn.norm_q(attn.q(x)), cos, sin, n)
-    k = rope_real(attn.norm_k(attn.k(x)), cos, sin, n)
-    v = attn.v(x)
-    out = attention(_heads(q, n), _heads(k, n), _heads(v, n))
-    return attn.o(_merge_heads(out))
+    if groups:  # a sharded attention (sequence parallel): each of q, k, v leaves as soon as it exists
+        def prepare(t):
+            return attention.send(head_groups(t, n, groups))
+    else:
+        def prepare(t):
+            return _heads(t, n)
+    q = prepare(rope_real(attn.norm_q(attn.q(x)), cos, sin, n))
+    k = prepare(rope_real(attn.norm_k(attn.k(x)), cos, sin, n))
+    v = prepare(attn.v(x))
+    out = attention(q, k, v)
+    return attn.o(out if groups else _merge_heads(out))
 
 
 def _cross_attention(attn, x, context, attention):
