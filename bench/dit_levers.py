@@ -121,6 +121,56 @@ def rel_err(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
 
 
+def pair_kernel_parity(device, tokens=13312, dim=5120, ffn=13824):
+    """The Triton pair-quantisation kernels vs the torch expressions at the model's shapes: the share of
+    e4m3 codes that agree exactly, the largest scale difference, the dequantised relative error."""
+    from ex4d.generate import pair_block, pair_kernels
+
+    if not pair_kernels.available(torch.empty(0, device=device)):
+        return {"skipped": "Triton cannot run here"}
+    g = torch.Generator(device=device).manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
+    out = {}
+    x0 = (r(tokens, dim) * 4 + 0.5).bfloat16()
+    x1 = (x0.float() + 0.1 * r(tokens, dim)).bfloat16()
+    w, b = 1 + 0.3 * r(2, dim), 0.2 * r(2, dim)
+    ln = lambda x, i: torch.nn.functional.layer_norm(x.float(), (dim,), eps=1e-6) * w[i] + b[i]  # noqa: E731
+    cases = {"layer_norm": (pair_kernels.ln_pair_quant(x0, x1, w, b, 1e-6), pair_block.quantize_pair(ln(x0, 0), ln(x1, 1)))}
+    y = r(2 * tokens, ffn).bfloat16()
+    y[:tokens] *= 0.05
+    bias = (0.1 * r(ffn)).bfloat16()
+    base = y[tokens:].float() + bias.float()
+    gelu = lambda t: torch.nn.functional.gelu(t, approximate="tanh")  # noqa: E731
+    cases["gelu"] = (pair_kernels.gelu_pair_quant(y, bias), pair_block.quantize_pair(gelu(base + y[:tokens].float()), gelu(base)))
+    # RMSNorm + RoPE of q: bf16 output, and e4m3 on the static scale vs the per-tensor amax scale
+    from ex4d.generate import fp8_attention
+
+    hd = 128
+    w = (1 + 0.2 * r(dim)).bfloat16()
+    ang = torch.rand(tokens, hd // 2, generator=g, device=device) * 6
+    cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
+
+    def rms_rope(x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()
+        return accel.rope_real(x[None], cos[:, None], sin[:, None], dim // hd)[0]
+
+    ref = torch.stack((rms_rope(base[:, :dim] + y[:tokens, :dim].float()), rms_rope(base[:, :dim])))
+    yq = y[:, :dim].contiguous()
+    bq = bias[:dim].contiguous()
+    rel = lambda a: float((a.float() - ref).norm() / ref.norm())  # noqa: E731
+    scale = (dim ** 0.5 * w.float().abs().max() / 448).reshape(1)
+    amax8, amax_s = fp8_attention.quantize_tensor_fp8(ref)
+    out["rms_rope"] = dict(bf16_rel_err=rel(pair_kernels.rms_rope_pair(yq, bq, w, cos, sin, 1e-6, None)),
+                           e4m3_static_scale_rel_err=rel(pair_kernels.rms_rope_pair(yq, bq, w, cos, sin, 1e-6, scale).float() * scale),
+                           e4m3_amax_scale_rel_err=rel(amax8.float() * amax_s))
+    for name, ((q, s), (qr, sr)) in cases.items():
+        deq, deqr = q.float() * s, qr.float() * sr
+        out[name] = dict(exact_codes=float((q.float() == qr.float()).float().mean()),
+                         scale_rel_max=float(((s - sr).abs() / sr).max()),
+                         dequant_rel_err=float((deq - deqr).norm() / deqr.norm()))
+    return out
+
+
 def attention_micro(cfg, tokens, B):
     """ms per self-attention call at the DiT's shape, per SDPA backend and q/k/v layout."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -297,7 +347,7 @@ def main():
             B.sync()
         ka = pr.key_averages()
         key = "self_device_time_total" if hasattr(next(iter(ka)), "self_device_time_total") else "self_cuda_time_total"
-        rows = sorted(ka, key=lambda e: getattr(e, key), reverse=True)[:18]
+        rows = sorted(ka, key=lambda e: getattr(e, key), reverse=True)[:30]
         total = sum(getattr(e, key) for e in ka)
         top = [dict(kernel=e.key[:110], ms=getattr(e, key) / 1000, calls=e.count) for e in rows]
         print(f"profile {name}: total GPU {total/1000:.1f} ms", flush=True)
@@ -422,9 +472,24 @@ def main():
         accel.patch_block_forwards(dit, attention=attention)
         phase("cudnn+fused_rope+cfg_batch+fp8(eager, compiled quant)", batched=True)
         accel.unpatch_block_forwards(dit)
-        accel.patch_block_forwards(dit, attention=attention, compile_blocks=True, compile_backend=args.compile_backend)
+        accel.patch_block_forwards(dit, attention=attention, compile_blocks=True, compile_backend=args.compile_backend,
+                                   pair=False)
         phase("ours: cudnn+fused_rope+cfg_batch+compile+fp8", batched=True)
         ours = "ours: cudnn+fused_rope+cfg_batch+compile+fp8"
+        # the per-branch CFG-pair block forward (ex4d/generate/pair_block.py): torch code, then its Triton kernels
+        from ex4d.generate import pair_block
+
+        B.report["pair_kernel_parity"] = pair_kernel_parity(B.device)
+        print(json.dumps({"pair_kernel_parity": B.report["pair_kernel_parity"]}), flush=True)
+        for name, fused in (("ours + pair_block", False), ("ours + pair_block + kernels", True)):
+            pair_block.FUSED_KERNELS = fused
+            accel.unpatch_block_forwards(dit)
+            accel.patch_block_forwards(dit, attention=attention, compile_blocks=True,
+                                       compile_backend=args.compile_backend)
+            phase(name, batched=True)
+        accel.unpatch_block_forwards(dit)
+        accel.patch_block_forwards(dit, attention=attention, compile_blocks=True, compile_backend=args.compile_backend,
+                                   pair=False)
         # A/B: the CFG pair quantised as two independent rows (before Fp8Linear._forward_pair).
         accel.set_cfg_pair_delta(dit, False)
         phase("ours fp8 without CFG-pair delta", batched=True)
@@ -436,8 +501,15 @@ def main():
         if ok8:
             accel.unpatch_block_forwards(dit)
             accel.patch_block_forwards(dit, attention=attention, compile_blocks=True, compile_backend=args.compile_backend,
-                                       self_attention=fp8_attention.sdpa_fp8)
+                                       self_attention=fp8_attention.sdpa_fp8, pair=False)
             phase("ours + fp8_attention", batched=True)
+            for name, fused in (("ours + fp8_attention + pair_block", False),
+                                ("ours + fp8_attention + pair_block + kernels", True)):
+                pair_block.FUSED_KERNELS = fused
+                accel.unpatch_block_forwards(dit)
+                accel.patch_block_forwards(dit, attention=attention, compile_blocks=True,
+                                           compile_backend=args.compile_backend, self_attention=fp8_attention.sdpa_fp8)
+                phase(name, batched=True)
             accel.unpatch_block_forwards(dit)
             accel.patch_block_forwards(dit, attention=attention, compile_blocks=True, compile_backend=args.compile_backend)
         else:

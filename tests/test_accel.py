@@ -201,3 +201,164 @@ def test_ex4d_bench_tiny_cpu_report(tmp_path):
     assert "speedup_whole_shot" in ours and set(report["levers"]["skipped"]) == {"fp8", "cudnn_attention", "compile"}
     fastest = report["runs"]["ours_fastest"]  # on CPU: FP8 attention skipped with its reason, same maths
     assert "fp8_attention" in report["fastest_levers"]["skipped"] and "video_psnr_vs_reference_db" in fastest
+
+
+# ------------------------------------------------------------------ the per-branch CFG-pair block (pair_block)
+
+
+def _fp8_dit():
+    dit = tiny_dit()
+    accel.convert_blocks_to_fp8(dit)
+    return dit
+
+
+def test_pair_block_forward_is_the_batched_fp8_forward():
+    """The per-branch block forward computes what the batch-2 FP8 forward does (fp32 weights here, so the
+    same roundings happen in the same places and the two agree to float error)."""
+    from ex4d.generate import pair_block
+
+    dit, x = _fp8_dit(), inputs()
+    accel.patch_block_forwards(dit, pair=False)
+    batched = predict(dit, x, batched=True)
+    accel.unpatch_block_forwards(dit)
+    calls = []
+    original = pair_block.block_forward
+    pair_block.block_forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        accel.patch_block_forwards(dit)
+        per_branch = predict(dit, x, batched=True)
+    finally:
+        pair_block.block_forward = original
+        accel.unpatch_block_forwards(dit)
+    assert len(calls) == len(dit.blocks)
+    assert rel(per_branch, batched) < 1e-5
+
+
+def test_pair_block_feeds_an_e4m3_attention_output_to_the_o_gemm():
+    """An attention that offers its e4m3 output (the FP8 kernel's) is read by the o projection as it is."""
+    from ex4d.generate.fp8_attention import quantize_tensor_fp8
+
+    dit, x = _fp8_dit(), inputs()
+    ref = predict(dit, x, batched=True)
+    seen = []
+
+    def attention(q, k, v):
+        return accel.sdpa_default(q, k, v)
+
+    def e4m3_output(q, k, v):
+        seen.append(q.shape)
+        return quantize_tensor_fp8(accel.sdpa_default(q, k, v).transpose(1, 2).contiguous())
+
+    attention.e4m3_output = e4m3_output
+    accel.patch_block_forwards(dit, self_attention=attention)
+    try:
+        out = predict(dit, x, batched=True)
+    finally:
+        accel.unpatch_block_forwards(dit)
+    assert len(seen) == len(dit.blocks) and seen[0][0] == 2
+    assert _cosine(out, ref) > 0.995
+
+
+_KERNEL_CHECK = r'''
+import torch
+from ex4d.generate import accel, pair_block, pair_kernels as pk
+assert pk.available(torch.empty(0))
+torch.manual_seed(0)
+
+def codes_agree(q, qr):
+    # Equal codes, or one e4m3 step apart (a value on a rounding boundary: the kernel's fp32 arithmetic is not
+    # torch's op for op), or Triton's interpreter artefact: it rounds a value just below a power of two down to
+    # half of it (its fp8 cast does not carry into the exponent; the GPU's cvt does).
+    a, b = q.float(), qr.float()
+    step = torch.exp2(torch.floor(torch.log2(b.abs().clamp(min=2.0 ** -6))) - 3)
+    ok = (a == b) | ((a - b).abs() <= step) | ((2 * a == b) & (torch.log2(b.abs()) == torch.log2(b.abs()).round()))
+    return bool(ok.all()), float((a == b).float().mean())
+
+S, D, F = 6, 96, 200
+x0 = torch.randn(S, D).bfloat16() * 3 + 1
+x1 = (x0.float() + 0.05 * torch.randn(S, D)).bfloat16()
+w, b = 1 + 0.3 * torch.randn(2, D), 0.1 * torch.randn(2, D)
+q, s = pk.launch_ln_pair_quant(x0, x1, w, b, 1e-6)
+ln = lambda x, i: torch.nn.functional.layer_norm(x.float(), (D,), eps=1e-6) * w[i] + b[i]
+qr, sr = pair_block.quantize_pair(ln(x0, 0), ln(x1, 1))
+ok, exact = codes_agree(q, qr)
+assert ok and exact > 0.9 and torch.allclose(s, sr, rtol=1e-5), (ok, exact)
+
+y = torch.randn(2 * S, F).bfloat16()
+y[:S] *= 0.05
+bias = torch.randn(F).bfloat16()
+q, s = pk.launch_gelu_pair_quant(y, bias)
+base = y[S:].float() + bias.float()
+g = lambda t: torch.nn.functional.gelu(t, approximate="tanh")
+qr, sr = pair_block.quantize_pair(g(base + y[:S].float()), g(base))
+ok, exact = codes_agree(q, qr)
+assert ok and exact > 0.9 and torch.allclose(s, sr, rtol=1e-5), (ok, exact)
+
+n, hd = 3, 32
+yq = torch.randn(2 * S, n * hd).bfloat16()
+wq = (1 + 0.2 * torch.randn(n * hd)).bfloat16()
+ang = torch.rand(S, hd // 2) * 6
+cos, sin = ang.cos().contiguous(), ang.sin().contiguous()
+out = pk.launch_rms_rope_pair(yq, None, wq, cos, sin, 1e-6, None)
+def ref(t):
+    t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * wq.float()
+    return accel.rope_real(t[None], cos[:, None], sin[:, None], n)[0]
+r = torch.stack((ref(yq[S:].float() + yq[:S].float()), ref(yq[S:].float())))
+assert float((out.float() - r).norm() / r.norm()) < 5e-3
+scale = torch.tensor([(n * hd) ** 0.5 * float(wq.float().abs().max()) / 448])
+o8 = pk.launch_rms_rope_pair(yq, None, wq, cos, sin, 1e-6, scale)
+assert float((o8.float() * scale).abs().max()) <= float(scale) * 448 and float((o8.float() * scale - r).norm() / r.norm()) < 0.12
+print("kernels ok")
+'''
+
+
+def test_pair_kernels_match_the_torch_expressions_in_the_interpreter():
+    """The Triton kernels (LayerNorm / GELU pair quantisation, RMSNorm + RoPE) against the torch code they
+    replace, run on CPU by Triton's interpreter (on the GPU: bench/dit_levers.py's pair_kernel_parity)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "kernels ok" in done.stdout, done.stderr[-2000:]
+
+
+def test_pair_block_with_its_kernels_in_the_interpreter():
+    """The whole tiny DiT through the per-branch block with the Triton kernels (interpreter) stays close to
+    the batched FP8 forward, and traced by torch.compile (aot_eager) it gives the eager result."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    script = r'''
+import sys, torch
+sys.path.insert(0, "tests")
+from test_accel import _fp8_dit, inputs, predict, rel, accel
+from ex4d.generate import pair_kernels
+dit, x = _fp8_dit(), inputs()
+accel.patch_block_forwards(dit, pair=False)
+batched = predict(dit, x, batched=True)
+accel.unpatch_block_forwards(dit)
+calls = []
+for name in ("ln_pair_quant", "gelu_pair_quant", "rms_rope_pair"):
+    fn = getattr(pair_kernels, name)
+    setattr(pair_kernels, name, lambda *a, _fn=fn, _n=name: calls.append(_n) or _fn(*a))
+accel.patch_block_forwards(dit)
+eager = predict(dit, x, batched=True)
+accel.unpatch_block_forwards(dit)
+accel.patch_block_forwards(dit, compile_blocks=True, compile_backend="aot_eager", notice=print)
+compiled = predict(dit, x, batched=True)
+assert set(calls) == {"ln_pair_quant", "gelu_pair_quant", "rms_rope_pair"}, set(calls)
+print(rel(eager, batched), rel(compiled, eager))
+assert rel(eager, batched) < 0.1 and rel(compiled, eager) < 1e-6
+print("block ok")
+'''
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert done.returncode == 0 and "block ok" in done.stdout, (done.stdout[-1000:], done.stderr[-2000:])

@@ -371,22 +371,30 @@ def _self_attention(attn, x, cos, sin, attention):
     return attn.o(out if groups else _merge_heads(out))
 
 
-def _cross_attention(attn, x, context, attention):
+def _attend_context(attn, q, context, attention):
+    """Cross-attention of q (b, n, s, d) to the text (and, for I2V, the CLIP image) tokens -> (b, s, n*d)."""
     n = attn.num_heads
     if attn.has_image_input:
         img, ctx = context[:, :257], context[:, 257:]
     else:
         ctx = context
-    q = _heads(attn.norm_q(attn.q(x)), n)
     out = attention(q, _heads(attn.norm_k(attn.k(ctx)), n), _heads(attn.v(ctx), n))
     if attn.has_image_input:
         out = out + attention(q, _heads(attn.norm_k_img(attn.k_img(img)), n), _heads(attn.v_img(img), n))
-    return attn.o(_merge_heads(out))
+    return _merge_heads(out)
 
 
-def block_forward(block, x, context, t_mod, cos, sin, attention=sdpa_default, self_attention=None):
+def _cross_attention(attn, x, context, attention):
+    q = _heads(attn.norm_q(attn.q(x)), attn.num_heads)
+    return attn.o(_attend_context(attn, q, context, attention))
+
+
+def block_forward(block, x, context, t_mod, cos, sin, attention=sdpa_default, self_attention=None, pair=True):
     """diffsynth 2.1.12 ``DiTBlock.forward`` (same modules, same order of operations) with real fp32 RoPE
-    and a chosen attention kernel (``self_attention``, if given, for the video tokens' self-attention)."""
+    and a chosen attention kernel (``self_attention``, if given, for the video tokens' self-attention).
+    A batched CFG pair through FP8 linears takes the per-branch form (``pair``; :mod:`.pair_block`)."""
+    if pair and pair_block.applies(block, x):
+        return pair_block.block_forward(block, x, context, t_mod, cos, sin, attention, self_attention)
     has_seq = t_mod.dim() == 4
     mod = (block.modulation.to(dtype=t_mod.dtype, device=t_mod.device) + t_mod).chunk(6, dim=2 if has_seq else 1)
     if has_seq:
@@ -419,16 +427,19 @@ def _expected_block(block) -> bool:
 
 
 def patch_block_forwards(dit, attention=sdpa_default, compile_blocks: bool = False, compile_mode: str | None = None,
-                         compile_backend: str = "inductor", notice=warnings.warn, self_attention=None):
+                         compile_backend: str = "inductor", notice=warnings.warn, self_attention=None,
+                         pair: bool = True):
     """Give every block our forward (same maths, real RoPE, chosen attention); optionally compiled.
 
     The forward is patched per instance (``block.forward``), so module hooks (e.g. the block offloader's)
     still run eagerly around it, and one compiled graph serves every block of the same structure. If the
     compiled forward fails before it ever succeeded (a compiler that cannot build here), every block falls
-    back to the eager forward with one ``notice``; later failures are raised.
+    back to the eager forward with one ``notice``; later failures are raised. ``pair`` lets a batched CFG
+    pair through FP8 linears take the per-branch forward (:mod:`.pair_block`; off only for A/B runs).
     """
     dit._ex4d_block_levers = dict(attention=attention, compile_blocks=compile_blocks, compile_mode=compile_mode,
-                                  compile_backend=compile_backend, notice=notice, self_attention=self_attention)
+                                  compile_backend=compile_backend, notice=notice, self_attention=self_attention,
+                                  pair=pair)
     cache = _RopeTableCache()
     core = block_forward
     if compile_blocks:
@@ -440,9 +451,9 @@ def patch_block_forwards(dit, attention=sdpa_default, compile_blocks: bool = Fal
 
     def run(block, x, context, t_mod, cos, sin):
         if state["eager"]:
-            return block_forward(block, x, context, t_mod, cos, sin, attention, self_attention)
+            return block_forward(block, x, context, t_mod, cos, sin, attention, self_attention, pair)
         try:
-            out = core(block, x, context, t_mod, cos, sin, attention, self_attention)
+            out = core(block, x, context, t_mod, cos, sin, attention, self_attention, pair)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - only before the first success: the compiler, not the maths
@@ -451,7 +462,7 @@ def patch_block_forwards(dit, attention=sdpa_default, compile_blocks: bool = Fal
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
             notice(f"speed lever compile failed here ({type(e).__name__}: {first}); running the blocks eagerly")
             state["eager"] = True
-            return block_forward(block, x, context, t_mod, cos, sin, attention, self_attention)
+            return block_forward(block, x, context, t_mod, cos, sin, attention, self_attention, pair)
         state["worked"] = True
         return out
 
@@ -583,3 +594,6 @@ def accelerate_pipeline(pipe, levers=DEFAULT_LEVERS + ("cfg_batch",), **kw) -> L
         install_cfg_batch(pipe)
         report.applied.append("cfg_batch")
     return report
+
+
+from . import pair_block  # noqa: E402 - it builds on the classes above (Fp8Linear, rope_real, ...)

@@ -134,10 +134,30 @@ def quantize_tensor_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
-def sdpa_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of (b, n, s, d) bf16 q/k/v (any strides) through cuDNN's FP8 kernel -> (b, n, s, d) bf16."""
+def sdpa_fp8_e4m3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of (b, n, s, d) bf16 q/k/v (any strides) -> (e4m3 output laid out (b, s, n, d), its scale (1,)):
+    output = e4m3 * scale. For a consumer that reads FP8 itself (the output projection's GEMM)."""
     q8, sq = quantize_tensor_fp8(q)
     k8, sk = quantize_tensor_fp8(k)
     v8, sv = quantize_tensor_fp8(v)
-    o8 = _cudnn_sdpa_fp8(q8, k8, v8, sq, sk, sv, 1.0 / sv)
+    return _cudnn_sdpa_fp8(q8, k8, v8, sq, sk, sv, 1.0 / sv), sv
+
+
+def sdpa_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of (b, n, s, d) bf16 q/k/v (any strides) through cuDNN's FP8 kernel -> (b, n, s, d) bf16."""
+    o8, sv = sdpa_fp8_e4m3(q, k, v)
     return (o8.float() * sv).to(q.dtype).transpose(1, 2)
+
+
+def sdpa_fp8_e4m3_prequantized(q8: torch.Tensor, k8: torch.Tensor, descale_q: torch.Tensor, descale_k: torch.Tensor,
+                                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sdpa_fp8_e4m3` for q and k already in e4m3 (q = q8 * descale_q), e.g. written by the kernel that
+    normalises and rotates them (:func:`ex4d.generate.pair_kernels.rms_rope_pair`)."""
+    v8, sv = quantize_tensor_fp8(v)
+    return _cudnn_sdpa_fp8(q8, k8, v8, descale_q, descale_k, sv, 1.0 / sv), sv
+
+
+# The per-branch block forward (pair_block) feeds the e4m3 output straight to its o GEMM, and may hand over
+# q and k already quantised.
+sdpa_fp8.e4m3_output = sdpa_fp8_e4m3
+sdpa_fp8.e4m3_prequantized = sdpa_fp8_e4m3_prequantized
