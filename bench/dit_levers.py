@@ -135,7 +135,8 @@ def pair_kernel_parity(device, tokens=13312, dim=5120, ffn=13824):
     x1 = (x0.float() + 0.1 * r(tokens, dim)).bfloat16()
     w, b = 1 + 0.3 * r(2, dim), 0.2 * r(2, dim)
     ln = lambda x, i: torch.nn.functional.layer_norm(x.float(), (dim,), eps=1e-6) * w[i] + b[i]  # noqa: E731
-    cases = {"layer_norm": (pair_kernels.ln_pair_quant(x0, x1, w, b, 1e-6), pair_block.quantize_pair(ln(x0, 0), ln(x1, 1)))}
+    cases = {"layer_norm": (pair_kernels.ln_pair_quant(x0, x1, w, b, 1e-6), pair_block.quantize_pair(ln(x0, 0), ln(x1, 1))),
+             "pair_as_is": (pair_kernels.pair_quant(x0, x1), pair_block.quantize_pair(x0, x1))}
     y = r(2 * tokens, ffn).bfloat16()
     y[:tokens] *= 0.05
     bias = (0.1 * r(ffn)).bfloat16()

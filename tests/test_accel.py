@@ -274,6 +274,7 @@ def codes_agree(q, qr):
     ok = (a == b) | ((a - b).abs() <= step) | ((2 * a == b) & (torch.log2(b.abs()) == torch.log2(b.abs()).round()))
     return bool(ok.all()), float((a == b).float().mean())
 
+pk.CHUNK = 64  # several chunks per row, and a partial last one (D = 96, F = 200)
 S, D, F = 6, 96, 200
 x0 = torch.randn(S, D).bfloat16() * 3 + 1
 x1 = (x0.float() + 0.05 * torch.randn(S, D)).bfloat16()
@@ -281,6 +282,11 @@ w, b = 1 + 0.3 * torch.randn(2, D), 0.1 * torch.randn(2, D)
 q, s = pk.launch_ln_pair_quant(x0, x1, w, b, 1e-6)
 ln = lambda x, i: torch.nn.functional.layer_norm(x.float(), (D,), eps=1e-6) * w[i] + b[i]
 qr, sr = pair_block.quantize_pair(ln(x0, 0), ln(x1, 1))
+ok, exact = codes_agree(q, qr)
+assert ok and exact > 0.9 and torch.allclose(s, sr, rtol=1e-5), (ok, exact)
+
+q, s = pk.launch_ln_pair_quant(x0, x1, x0, x0, 0.0, norm=False)  # the pair as it is
+qr, sr = pair_block.quantize_pair(x0, x1)
 ok, exact = codes_agree(q, qr)
 assert ok and exact > 0.9 and torch.allclose(s, sr, rtol=1e-5), (ok, exact)
 

@@ -113,6 +113,13 @@ def _fused(x: torch.Tensor, *readers) -> bool:
     return FUSED_KERNELS and pair_kernels.available(x) and all(_pair_coded(r) for r in readers)
 
 
+def _pair_of(x0: torch.Tensor, x1: torch.Tensor, reader) -> Pair:
+    """The pair (x0, x1) for ``reader``: quantised in one kernel pass where the kernels run."""
+    if _fused(x0, reader):
+        return Pair.quantized(*pair_kernels.pair_quant(x0.contiguous(), x1.contiguous()))
+    return Pair(x0, x1)
+
+
 def _layer_norm_pair(norm, x0, x1, shift=None, scale=None, readers=()) -> Pair:
     """``norm(x_b) * (1 + scale_b) + shift_b`` (or ``norm(x_b)`` alone) for both branches, as a Pair for
     ``readers``: one fused kernel for a LayerNorm that is either modulated (no affine of its own, as
@@ -177,7 +184,7 @@ def _self_attention(attn, pair: Pair, cos, sin, attention, dtype):
     v = torch.stack((vp, vn)).to(dtype)
     if groups:  # a sharded attention (sequence parallel): each of q, k, v leaves as soon as it exists
         out = attention(*(attention.send(accel.head_groups(t, n, groups)) for t in (q, k, v)))
-        return Pair(out[0], out[1]).through(attn.o)
+        return _pair_of(out[0], out[1], attn.o).through(attn.o)
     q, k, v = (accel._heads(t, n) for t in (q, k, v))
     if sq is not None:  # q and k arrived in e4m3 on their static scales
         o8, scale = attention.e4m3_prequantized(q, k, sq, sk, v)
@@ -190,7 +197,7 @@ def _self_attention(attn, pair: Pair, cos, sin, attention, dtype):
         y = fp8_gemm(attn.o, rows, scale.reshape(1, 1).expand(rows.shape[0], 1).contiguous())
         return split_pair(attn.o, y, delta_coded=False, add_bias=True)
     out = accel._merge_heads(attention(q, k, v))
-    return Pair(out[0], out[1]).through(attn.o)
+    return _pair_of(out[0], out[1], attn.o).through(attn.o)
 
 
 def _cross_attention(attn, pair: Pair, context, attention, dtype):
@@ -198,7 +205,7 @@ def _cross_attention(attn, pair: Pair, context, attention, dtype):
     qp, qn = pair.through(attn.q)
     q = accel._heads(torch.stack((attn.norm_q(qp.to(dtype)), attn.norm_q(qn.to(dtype)))), n)
     out = accel._attend_context(attn, q, context, attention)
-    return Pair(out[0], out[1]).through(attn.o)
+    return _pair_of(out[0], out[1], attn.o).through(attn.o)
 
 
 def _ffn(ffn, pair: Pair):

@@ -9,6 +9,7 @@ the input once and writes the e4m3 rows once:
 
 ``ln_pair_quant``    x0, x1 (S, D) -> LayerNorm(x_b) * w_b + b_b for both branches (w, b: (2, D); the
                      modulation (1 + scale, shift) or the norm's own affine) -> e4m3 rows + scales.
+``pair_quant``       the same for a pair as it is (the attention outputs before their o projection).
 ``gelu_pair_quant``  the FFN's first GEMM output in the pair coding (delta; base) (2S, F) plus its bias ->
                      GELU(tanh) of both branches -> e4m3 rows + scales.
 
@@ -43,31 +44,76 @@ def available(x: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    # Each program owns one token of both branches and walks its rows in CHUNK-wide pieces, two or three
+    # times: the statistics, the per-row absolute maxima, then the e4m3 rows. Only the first walk reads
+    # memory (the token's rows, 20-55 KB, are still in L2 for the others), and small chunks keep registers
+    # low, so many programs share an SM and the loads of one overlap the arithmetic of another.
 
     @triton.jit
-    def _store_pair_rows(d, n, q_ptr, s_ptr, row_d, row_n, offs, mask, K):
-        """Quantise the difference row ``d`` and the nega row ``n`` (fp32, zero outside ``mask``)."""
-        sd = tl.maximum(tl.max(tl.abs(d), axis=0), 1e-12) / 448.0
-        sn = tl.maximum(tl.max(tl.abs(n), axis=0), 1e-12) / 448.0
-        tl.store(q_ptr + row_d * K + offs, tl.clamp(d / sd, -448.0, 448.0).to(tl.float8e4nv), mask=mask)
-        tl.store(q_ptr + row_n * K + offs, tl.clamp(n / sn, -448.0, 448.0).to(tl.float8e4nv), mask=mask)
-        tl.store(s_ptr + row_d, sd)
-        tl.store(s_ptr + row_n, sn)
+    def _scale(amax):
+        return tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
 
     @triton.jit
-    def _ln_pair_quant_kernel(x0_ptr, x1_ptr, w_ptr, b_ptr, q_ptr, s_ptr, S, D, eps, BLOCK: tl.constexpr):
-        t = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK)
-        mask = offs < D
+    def _e4m3(x, scale):
+        return tl.clamp(x / scale, -448.0, 448.0).to(tl.float8e4nv)
+
+    @triton.jit
+    def _ln_pair(x0_ptr, x1_ptr, w_ptr, b_ptr, t, offs, mask, D, mean0, r0, mean1, r1, NORM: tl.constexpr):
+        """Both branches' values at ``offs``: LayerNorm * w + b when NORM, else the inputs as they are."""
         x0 = tl.load(x0_ptr + t * D + offs, mask=mask, other=0.0).to(tl.float32)
         x1 = tl.load(x1_ptr + t * D + offs, mask=mask, other=0.0).to(tl.float32)
-        c0 = tl.where(mask, x0 - tl.sum(x0, axis=0) / D, 0.0)
-        c1 = tl.where(mask, x1 - tl.sum(x1, axis=0) / D, 0.0)
-        r0 = 1.0 / tl.sqrt(tl.sum(c0 * c0, axis=0) / D + eps)
-        r1 = 1.0 / tl.sqrt(tl.sum(c1 * c1, axis=0) / D + eps)
-        h0 = c0 * r0 * tl.load(w_ptr + offs, mask=mask, other=0.0) + tl.load(b_ptr + offs, mask=mask, other=0.0)
-        h1 = c1 * r1 * tl.load(w_ptr + D + offs, mask=mask, other=0.0) + tl.load(b_ptr + D + offs, mask=mask, other=0.0)
-        _store_pair_rows(tl.where(mask, h0 - h1, 0.0), tl.where(mask, h1, 0.0), q_ptr, s_ptr, t, S + t, offs, mask, D)
+        if NORM:
+            x0 = (x0 - mean0) * r0 * tl.load(w_ptr + offs, mask=mask, other=0.0) + tl.load(b_ptr + offs, mask=mask, other=0.0)
+            x1 = (x1 - mean1) * r1 * tl.load(w_ptr + D + offs, mask=mask, other=0.0) + tl.load(b_ptr + D + offs, mask=mask, other=0.0)
+        return x0, x1
+
+    @triton.jit
+    def _ln_pair_quant_kernel(x0_ptr, x1_ptr, w_ptr, b_ptr, q_ptr, s_ptr, S, D, eps, NORM: tl.constexpr,
+                              CHUNK: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        base = tl.arange(0, CHUNK)
+        mean0 = 0.0
+        mean1 = 0.0
+        r0 = 1.0
+        r1 = 1.0
+        if NORM:
+            s0 = tl.zeros([CHUNK], tl.float32)
+            s1 = tl.zeros([CHUNK], tl.float32)
+            for k in range(0, D, CHUNK):
+                offs = k + base
+                mask = offs < D
+                s0 += tl.load(x0_ptr + t * D + offs, mask=mask, other=0.0).to(tl.float32)
+                s1 += tl.load(x1_ptr + t * D + offs, mask=mask, other=0.0).to(tl.float32)
+            mean0 = tl.sum(s0, axis=0) / D
+            mean1 = tl.sum(s1, axis=0) / D
+            v0 = tl.zeros([CHUNK], tl.float32)
+            v1 = tl.zeros([CHUNK], tl.float32)
+            for k in range(0, D, CHUNK):  # centred second moments: exact for any mean
+                offs = k + base
+                mask = offs < D
+                c0 = tl.where(mask, tl.load(x0_ptr + t * D + offs, mask=mask, other=0.0).to(tl.float32) - mean0, 0.0)
+                c1 = tl.where(mask, tl.load(x1_ptr + t * D + offs, mask=mask, other=0.0).to(tl.float32) - mean1, 0.0)
+                v0 += c0 * c0
+                v1 += c1 * c1
+            r0 = 1.0 / tl.sqrt(tl.sum(v0, axis=0) / D + eps)
+            r1 = 1.0 / tl.sqrt(tl.sum(v1, axis=0) / D + eps)
+        amax_d = tl.zeros([CHUNK], tl.float32)
+        amax_n = tl.zeros([CHUNK], tl.float32)
+        for k in range(0, D, CHUNK):
+            offs = k + base
+            mask = offs < D
+            h0, h1 = _ln_pair(x0_ptr, x1_ptr, w_ptr, b_ptr, t, offs, mask, D, mean0, r0, mean1, r1, NORM)
+            amax_d = tl.maximum(amax_d, tl.where(mask, tl.abs(h0 - h1), 0.0))
+            amax_n = tl.maximum(amax_n, tl.where(mask, tl.abs(h1), 0.0))
+        sd, sn = _scale(amax_d), _scale(amax_n)
+        for k in range(0, D, CHUNK):
+            offs = k + base
+            mask = offs < D
+            h0, h1 = _ln_pair(x0_ptr, x1_ptr, w_ptr, b_ptr, t, offs, mask, D, mean0, r0, mean1, r1, NORM)
+            tl.store(q_ptr + t * D + offs, _e4m3(h0 - h1, sd), mask=mask)
+            tl.store(q_ptr + (S + t) * D + offs, _e4m3(h1, sn), mask=mask)
+        tl.store(s_ptr + t, sd)
+        tl.store(s_ptr + S + t, sn)
 
     @triton.jit
     def _gelu_tanh(x):
@@ -75,61 +121,90 @@ if triton is not None:
         return x * tl.sigmoid(2.0 * 0.7978845608028654 * (x + 0.044715 * x * x * x))
 
     @triton.jit
-    def _gelu_pair_quant_kernel(y_ptr, bias_ptr, q_ptr, s_ptr, S, F, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        t = tl.program_id(0).to(tl.int64)
-        offs = tl.arange(0, BLOCK)
-        mask = offs < F
+    def _gelu_pair(y_ptr, bias_ptr, t, S, F, offs, mask, HAS_BIAS: tl.constexpr):
+        """GELU of posi = base + delta and of nega = base (+ bias) at ``offs``."""
         delta = tl.load(y_ptr + t * F + offs, mask=mask, other=0.0).to(tl.float32)
         base = tl.load(y_ptr + (S + t) * F + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             base = base + tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g_nega = _gelu_tanh(base)
-        g_posi = _gelu_tanh(base + delta)
-        _store_pair_rows(tl.where(mask, g_posi - g_nega, 0.0), tl.where(mask, g_nega, 0.0), q_ptr, s_ptr, t, S + t,
-                         offs, mask, F)
+        return _gelu_tanh(base + delta), _gelu_tanh(base)
 
+    @triton.jit
+    def _gelu_pair_quant_kernel(y_ptr, bias_ptr, q_ptr, s_ptr, S, F, HAS_BIAS: tl.constexpr, CHUNK: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        base = tl.arange(0, CHUNK)
+        amax_d = tl.zeros([CHUNK], tl.float32)
+        amax_n = tl.zeros([CHUNK], tl.float32)
+        for k in range(0, F, CHUNK):
+            offs = k + base
+            mask = offs < F
+            g_posi, g_nega = _gelu_pair(y_ptr, bias_ptr, t, S, F, offs, mask, HAS_BIAS)
+            amax_d = tl.maximum(amax_d, tl.where(mask, tl.abs(g_posi - g_nega), 0.0))
+            amax_n = tl.maximum(amax_n, tl.where(mask, tl.abs(g_nega), 0.0))
+        sd, sn = _scale(amax_d), _scale(amax_n)
+        for k in range(0, F, CHUNK):
+            offs = k + base
+            mask = offs < F
+            g_posi, g_nega = _gelu_pair(y_ptr, bias_ptr, t, S, F, offs, mask, HAS_BIAS)
+            tl.store(q_ptr + t * F + offs, _e4m3(g_posi - g_nega, sd), mask=mask)
+            tl.store(q_ptr + (S + t) * F + offs, _e4m3(g_nega, sn), mask=mask)
+        tl.store(s_ptr + t, sd)
+        tl.store(s_ptr + S + t, sn)
 
     @triton.jit
     def _rms_rope_pair_kernel(y_ptr, bias_ptr, w_ptr, cos_ptr, sin_ptr, scale_ptr, out_ptr, S, D, HALF_HEAD, eps,
-                              HAS_BIAS: tl.constexpr, OUT_FP8: tl.constexpr, HALF_BLOCK: tl.constexpr):
+                              HAS_BIAS: tl.constexpr, OUT_FP8: tl.constexpr, CHUNK: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
-        j = tl.arange(0, HALF_BLOCK)  # (re, im) pair j = elements 2j, 2j+1 of the token's row
-        mask = j < D // 2
-        ev, od = 2 * j, 2 * j + 1
-        d_e = tl.load(y_ptr + t * D + ev, mask=mask, other=0.0).to(tl.float32)
-        d_o = tl.load(y_ptr + t * D + od, mask=mask, other=0.0).to(tl.float32)
-        n_e = tl.load(y_ptr + (S + t) * D + ev, mask=mask, other=0.0).to(tl.float32)
-        n_o = tl.load(y_ptr + (S + t) * D + od, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            n_e = n_e + tl.load(bias_ptr + ev, mask=mask, other=0.0).to(tl.float32)
-            n_o = n_o + tl.load(bias_ptr + od, mask=mask, other=0.0).to(tl.float32)
-        p_e, p_o = n_e + d_e, n_o + d_o
-        w_e = tl.load(w_ptr + ev, mask=mask, other=0.0).to(tl.float32)
-        w_o = tl.load(w_ptr + od, mask=mask, other=0.0).to(tl.float32)
-        c = tl.load(cos_ptr + t * HALF_HEAD + j % HALF_HEAD, mask=mask, other=0.0)
-        sn = tl.load(sin_ptr + t * HALF_HEAD + j % HALF_HEAD, mask=mask, other=0.0)
+        base = tl.arange(0, CHUNK)
+        sq_p = tl.zeros([CHUNK], tl.float32)
+        sq_n = tl.zeros([CHUNK], tl.float32)
+        for k in range(0, D, CHUNK):  # the rows' mean squares (the pairing does not matter here)
+            offs = k + base
+            mask = offs < D
+            n = tl.load(y_ptr + (S + t) * D + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                n = n + tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            p = n + tl.load(y_ptr + t * D + offs, mask=mask, other=0.0).to(tl.float32)
+            sq_p += p * p
+            sq_n += n * n
+        r_p = 1.0 / tl.sqrt(tl.sum(sq_p, axis=0) / D + eps)
+        r_n = 1.0 / tl.sqrt(tl.sum(sq_n, axis=0) / D + eps)
+        inv_scale = 1.0
         if OUT_FP8:
             inv_scale = 1.0 / tl.load(scale_ptr)
-        for branch in tl.static_range(2):
-            if branch == 0:
-                x_e, x_o = p_e, p_o
-            else:
-                x_e, x_o = n_e, n_o
-            r = 1.0 / tl.sqrt((tl.sum(x_e * x_e, axis=0) + tl.sum(x_o * x_o, axis=0)) / D + eps)
-            x_e, x_o = x_e * r * w_e, x_o * r * w_o
-            o_e, o_o = x_e * c - x_o * sn, x_e * sn + x_o * c
-            row = out_ptr + (branch * S + t) * D
-            if OUT_FP8:
-                tl.store(row + ev, tl.clamp(o_e * inv_scale, -448.0, 448.0).to(tl.float8e4nv), mask=mask)
-                tl.store(row + od, tl.clamp(o_o * inv_scale, -448.0, 448.0).to(tl.float8e4nv), mask=mask)
-            else:
-                tl.store(row + ev, o_e.to(tl.bfloat16), mask=mask)
-                tl.store(row + od, o_o.to(tl.bfloat16), mask=mask)
+        j = tl.arange(0, CHUNK // 2)  # (re, im) pair j of the chunk = its elements 2j, 2j+1
+        for k in range(0, D, CHUNK):
+            ev = k + 2 * j
+            od = ev + 1
+            mask = ev < D
+            n_e = tl.load(y_ptr + (S + t) * D + ev, mask=mask, other=0.0).to(tl.float32)
+            n_o = tl.load(y_ptr + (S + t) * D + od, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                n_e = n_e + tl.load(bias_ptr + ev, mask=mask, other=0.0).to(tl.float32)
+                n_o = n_o + tl.load(bias_ptr + od, mask=mask, other=0.0).to(tl.float32)
+            p_e = n_e + tl.load(y_ptr + t * D + ev, mask=mask, other=0.0).to(tl.float32)
+            p_o = n_o + tl.load(y_ptr + t * D + od, mask=mask, other=0.0).to(tl.float32)
+            w_e = tl.load(w_ptr + ev, mask=mask, other=0.0).to(tl.float32)
+            w_o = tl.load(w_ptr + od, mask=mask, other=0.0).to(tl.float32)
+            hj = (k // 2 + j) % HALF_HEAD
+            c = tl.load(cos_ptr + t * HALF_HEAD + hj, mask=mask, other=0.0)
+            sn = tl.load(sin_ptr + t * HALF_HEAD + hj, mask=mask, other=0.0)
+            for branch in tl.static_range(2):
+                if branch == 0:
+                    x_e, x_o = p_e * r_p * w_e, p_o * r_p * w_o
+                else:
+                    x_e, x_o = n_e * r_n * w_e, n_o * r_n * w_o
+                o_e, o_o = x_e * c - x_o * sn, x_e * sn + x_o * c
+                row = out_ptr + (branch * S + t) * D
+                if OUT_FP8:
+                    tl.store(row + ev, tl.clamp(o_e * inv_scale, -448.0, 448.0).to(tl.float8e4nv), mask=mask)
+                    tl.store(row + od, tl.clamp(o_o * inv_scale, -448.0, 448.0).to(tl.float8e4nv), mask=mask)
+                else:
+                    tl.store(row + ev, o_e.to(tl.bfloat16), mask=mask)
+                    tl.store(row + od, o_o.to(tl.bfloat16), mask=mask)
 
 
-def _warps(block: int) -> int:
-    # one program per token holds its rows in registers; timing 4-32 warps per shape changed nothing measurable
-    return 16 if block >= 16384 else (8 if block >= 4096 else 4)
+CHUNK = 1024  # elements per walk step (4 warps: 8 per thread)
 
 
 def _outputs(s: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,12 +212,12 @@ def _outputs(s: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
             torch.empty((2 * s, 1), device=device, dtype=torch.float32))
 
 
-def launch_ln_pair_quant(x0, x1, w, b, eps: float):
-    """The LayerNorm kernel on (S, D) x0/x1 (contiguous) with per-branch (2, D) fp32 w and b."""
+def launch_ln_pair_quant(x0, x1, w, b, eps: float, norm: bool = True):
+    """The LayerNorm kernel on (S, D) x0/x1 (contiguous) with per-branch (2, D) fp32 w and b; ``norm=False``
+    quantises the pair as it is (w, b and eps unused)."""
     s, d = x0.shape
     q, scales = _outputs(s, d, x0.device)
-    block = triton.next_power_of_2(d)
-    _ln_pair_quant_kernel[(s,)](x0, x1, w, b, q, scales, s, d, eps, BLOCK=block, num_warps=_warps(block))
+    _ln_pair_quant_kernel[(s,)](x0, x1, w, b, q, scales, s, d, eps, NORM=norm, CHUNK=CHUNK, num_warps=4)
     return q, scales
 
 
@@ -151,9 +226,8 @@ def launch_gelu_pair_quant(y, bias):
     rows, f = y.shape
     s = rows // 2
     q, scales = _outputs(s, f, y.device)
-    block = triton.next_power_of_2(f)
     _gelu_pair_quant_kernel[(s,)](y, bias if bias is not None else y, q, scales, s, f, HAS_BIAS=bias is not None,
-                                  BLOCK=block, num_warps=_warps(block))
+                                  CHUNK=CHUNK, num_warps=4)
     return q, scales
 
 
@@ -163,11 +237,9 @@ def launch_rms_rope_pair(y, bias, weight, cos, sin, eps: float, scale):
     rows, d = y.shape
     s = rows // 2
     out = torch.empty((2, s, d), device=y.device, dtype=torch.float8_e4m3fn if scale is not None else torch.bfloat16)
-    half_block = triton.next_power_of_2(d // 2)
     _rms_rope_pair_kernel[(s,)](y, bias if bias is not None else y, weight, cos, sin,
                                 scale if scale is not None else cos, out, s, d, cos.shape[-1], eps,
-                                HAS_BIAS=bias is not None, OUT_FP8=scale is not None, HALF_BLOCK=half_block,
-                                num_warps=_warps(2 * half_block))
+                                HAS_BIAS=bias is not None, OUT_FP8=scale is not None, CHUNK=CHUNK, num_warps=4)
     return out
 
 
@@ -177,14 +249,19 @@ def launch_rms_rope_pair(y, bias, weight, cos, sin, eps: float, scale):
 
 
 @torch.library.custom_op("ex4d::ln_pair_quant", mutates_args=())
-def ln_pair_quant(x0: torch.Tensor, x1: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return launch_ln_pair_quant(x0, x1, w, b, eps)
+def ln_pair_quant(x0: torch.Tensor, x1: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float,
+                  norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch_ln_pair_quant(x0, x1, w, b, eps, norm)
 
 
 @ln_pair_quant.register_fake
-def _(x0, x1, w, b, eps):
+def _(x0, x1, w, b, eps, norm=True):
     return _outputs(*x0.shape, x0.device)
+
+
+def pair_quant(x0: torch.Tensor, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair (x0, x1), each (S, K), as e4m3 rows (x0 - x1; x1) and per-row scales, in one pass."""
+    return ln_pair_quant(x0, x1, x0, x0, 0.0, False)
 
 
 @torch.library.custom_op("ex4d::gelu_pair_quant", mutates_args=())
