@@ -124,7 +124,7 @@ def rel_err(a, b):
 def pair_kernel_parity(device, tokens=13312, dim=5120, ffn=13824):
     """The Triton pair-quantisation kernels vs the torch expressions at the model's shapes: the share of
     e4m3 codes that agree exactly, the largest scale difference, the dequantised relative error."""
-    from ex4d.generate import pair_block, pair_kernels
+    from ex4d.generate import pair_kernels
 
     if not pair_kernels.available(torch.empty(0, device=device)):
         return {"skipped": "Triton cannot run here"}
@@ -135,14 +135,14 @@ def pair_kernel_parity(device, tokens=13312, dim=5120, ffn=13824):
     x1 = (x0.float() + 0.1 * r(tokens, dim)).bfloat16()
     w, b = 1 + 0.3 * r(2, dim), 0.2 * r(2, dim)
     ln = lambda x, i: torch.nn.functional.layer_norm(x.float(), (dim,), eps=1e-6) * w[i] + b[i]  # noqa: E731
-    cases = {"layer_norm": (pair_kernels.ln_pair_quant(x0, x1, w, b, 1e-6), pair_block.quantize_pair(ln(x0, 0), ln(x1, 1))),
-             "pair_as_is": (pair_kernels.pair_quant(x0, x1), pair_block.quantize_pair(x0, x1))}
+    cases = {"layer_norm": (pair_kernels.ln_pair_quant(x0, x1, w, b, 1e-6), accel.quantize_pair(ln(x0, 0), ln(x1, 1))),
+             "pair_as_is": (pair_kernels.pair_quant(x0, x1), accel.quantize_pair(x0, x1))}
     y = r(2 * tokens, ffn).bfloat16()
     y[:tokens] *= 0.05
     bias = (0.1 * r(ffn)).bfloat16()
     base = y[tokens:].float() + bias.float()
     gelu = lambda t: torch.nn.functional.gelu(t, approximate="tanh")  # noqa: E731
-    cases["gelu"] = (pair_kernels.gelu_pair_quant(y, bias), pair_block.quantize_pair(gelu(base + y[:tokens].float()), gelu(base)))
+    cases["gelu"] = (pair_kernels.gelu_pair_quant(y, bias), accel.quantize_pair(gelu(base + y[:tokens].float()), gelu(base)))
     # RMSNorm + RoPE of q: bf16 output, and e4m3 on the static scale vs the per-tensor amax scale
     from ex4d.generate import fp8_attention
 

@@ -261,7 +261,7 @@ def test_pair_block_feeds_an_e4m3_attention_output_to_the_o_gemm():
 
 _KERNEL_CHECK = r'''
 import torch
-from ex4d.generate import accel, pair_block, pair_kernels as pk
+from ex4d.generate import accel, pair_kernels as pk
 assert pk.available(torch.empty(0))
 torch.manual_seed(0)
 
@@ -281,12 +281,12 @@ x1 = (x0.float() + 0.05 * torch.randn(S, D)).bfloat16()
 w, b = 1 + 0.3 * torch.randn(2, D), 0.1 * torch.randn(2, D)
 q, s = pk.launch_ln_pair_quant(x0, x1, w, b, 1e-6)
 ln = lambda x, i: torch.nn.functional.layer_norm(x.float(), (D,), eps=1e-6) * w[i] + b[i]
-qr, sr = pair_block.quantize_pair(ln(x0, 0), ln(x1, 1))
+qr, sr = accel.quantize_pair(ln(x0, 0), ln(x1, 1))
 ok, exact = codes_agree(q, qr)
 assert ok and exact > 0.9 and torch.allclose(s, sr, rtol=1e-5), (ok, exact)
 
 q, s = pk.launch_ln_pair_quant(x0, x1, x0, x0, 0.0, norm=False)  # the pair as it is
-qr, sr = pair_block.quantize_pair(x0, x1)
+qr, sr = accel.quantize_pair(x0, x1)
 ok, exact = codes_agree(q, qr)
 assert ok and exact > 0.9 and torch.allclose(s, sr, rtol=1e-5), (ok, exact)
 
@@ -296,7 +296,7 @@ bias = torch.randn(F).bfloat16()
 q, s = pk.launch_gelu_pair_quant(y, bias)
 base = y[S:].float() + bias.float()
 g = lambda t: torch.nn.functional.gelu(t, approximate="tanh")
-qr, sr = pair_block.quantize_pair(g(base + y[:S].float()), g(base))
+qr, sr = accel.quantize_pair(g(base + y[:S].float()), g(base))
 ok, exact = codes_agree(q, qr)
 assert ok and exact > 0.9 and torch.allclose(s, sr, rtol=1e-5), (ok, exact)
 

@@ -238,18 +238,39 @@ class Fp8Linear(torch.nn.Module):
         multiplies that difference by the guidance scale (about 6x the error of one branch at cfg 5). Coding
         posi as nega + delta keeps the same two GEMM rows per token, but posi - nega is then computed from the
         small delta's own fine grid: the guided prediction carries about one branch's rounding error."""
-        s = x.shape[1]
-        nega = x[1].float()
-        rows = torch.cat((x[0].float() - nega, nega))  # fp32: the delta is not rounded to bf16 first
-        y = self._matmul(rows, with_bias=False).float()
-        delta, base = y[:s], y[s:]
-        out = torch.stack((base + delta, base))
-        if self.bias is not None:
-            out = out + self.bias.float()
-        return out.to(self.out_dtype)
+        posi, nega = split_pair(self, fp8_gemm(self, *quantize_pair(x[0], x[1])), delta_coded=True, add_bias=True)
+        return torch.stack((posi, nega)).to(self.out_dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3"
+
+
+def quantize_pair(posi: torch.Tensor, nega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CFG pair (posi, nega), each (S, K) -> e4m3 rows (2S, K) = (posi - nega; nega) and their per-row
+    scales (2S, 1). The difference is taken in fp32 before rounding (its own fine grid; see
+    :meth:`Fp8Linear._forward_pair`)."""
+    nf = nega.float()
+    qd, sd = _quantize(posi.float() - nf)
+    qn, sn = _quantize(nf)
+    return torch.cat((qd, qn)), torch.cat((sd, sn))
+
+
+def fp8_gemm(linear: Fp8Linear, rows: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """e4m3 rows (M, K) with per-row scales (M, 1) through an :class:`Fp8Linear`'s weight, no bias."""
+    return torch._scaled_mm(rows, linear.weight_fp8.t(), scale_a=scales, scale_b=linear.weight_scale,
+                            out_dtype=linear.out_dtype)
+
+
+def split_pair(linear, y: torch.Tensor, *, delta_coded: bool, add_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output rows y (2S, N) -> (posi, nega) in fp32, plus ``linear.bias`` if ``add_bias`` (a GEMM made by
+    :func:`fp8_gemm`). ``delta_coded``: y is (posi - nega; nega), otherwise (posi; nega)."""
+    s = y.shape[0] // 2
+    first, nega = y[:s].float(), y[s:].float()
+    posi = nega + first if delta_coded else first
+    bias = linear.bias if add_bias else None
+    if bias is not None:
+        posi, nega = posi + bias.float(), nega + bias.float()
+    return posi, nega
 
 
 class Fp8WeightOnlyLinear(torch.nn.Module):

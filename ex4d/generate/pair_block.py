@@ -45,16 +45,6 @@ def _branch(m: torch.Tensor, b: int) -> torch.Tensor:
     return m[b] if m.shape[0] > 1 else m[0]
 
 
-def quantize_pair(p: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(posi, nega), each (S, K) -> e4m3 rows (2S, K) = (posi - nega, nega) and their per-row scales (2S, 1).
-
-    The difference is taken in fp32 before rounding (its own fine grid; see Fp8Linear._forward_pair)."""
-    nf = n.float()
-    qd, sd = accel.quantize_rows_fp8(p.float() - nf)
-    qn, sn = accel.quantize_rows_fp8(nf)
-    return torch.cat((qd, qn)), torch.cat((sd, sn))
-
-
 class Pair:
     """One CFG pair of inputs (posi, nega), each (S, K), read by one or more linears; or its e4m3 rows
     already quantised by a fused kernel (:meth:`quantized`)."""
@@ -72,15 +62,15 @@ class Pair:
     def through(self, linear: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """``linear`` on both branches -> (posi_out, nega_out); fp32 for an FP8 linear with the pair coding."""
         coded = _pair_coded(linear)
-        return split_pair(linear, self.gemm(linear), delta_coded=coded, add_bias=coded)
+        return accel.split_pair(linear, self.gemm(linear), delta_coded=coded, add_bias=coded)
 
     def gemm(self, linear: torch.nn.Module) -> torch.Tensor:
         """The raw output rows: (posi - nega; nega) x W^T (2S, N) for a pair-coded FP8 linear (no bias),
         else ``linear`` on (posi; nega)."""
         if _pair_coded(linear):
             if self._quantized is None:  # shared by every linear reading this pair (q, k and v)
-                self._quantized = quantize_pair(self.posi, self.nega)
-            return fp8_gemm(linear, *self._quantized)
+                self._quantized = accel.quantize_pair(self.posi, self.nega)
+            return accel.fp8_gemm(linear, *self._quantized)
         if self.posi is None:
             raise TypeError(f"a pre-quantised CFG pair cannot feed {type(linear).__name__}")
         dtype = linear.weight.dtype if isinstance(linear, torch.nn.Linear) else getattr(linear, "out_dtype", None)
@@ -90,24 +80,6 @@ class Pair:
 
 def _pair_coded(linear) -> bool:
     return isinstance(linear, accel.Fp8Linear) and linear.cfg_pair_delta
-
-
-def fp8_gemm(linear, rows: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """e4m3 rows (M, K) with per-row scales (M, 1) through an :class:`accel.Fp8Linear`'s weight, no bias."""
-    return torch._scaled_mm(rows, linear.weight_fp8.t(), scale_a=scales, scale_b=linear.weight_scale,
-                            out_dtype=linear.out_dtype)
-
-
-def split_pair(linear, y: torch.Tensor, *, delta_coded: bool, add_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output rows y (2S, N) -> (posi, nega) in fp32, plus ``linear.bias`` if ``add_bias`` (a GEMM made by
-    :func:`fp8_gemm`). ``delta_coded``: y is (posi - nega; nega), otherwise (posi; nega)."""
-    s = y.shape[0] // 2
-    first, nega = y[:s].float(), y[s:].float()
-    posi = nega + first if delta_coded else first
-    bias = linear.bias if add_bias else None
-    if bias is not None:
-        posi, nega = posi + bias.float(), nega + bias.float()
-    return posi, nega
 
 
 # Whether the Triton kernels of pair_kernels quantise the norms' and the GELU's pairs (off: torch code, for A/B).
@@ -192,17 +164,18 @@ def _self_attention(attn, pair: Pair, cos, sin, attention, dtype):
         return _pair_of(out[0], out[1], attn.o).through(attn.o)
     q, k, v = (accel._heads(t, n) for t in (q, k, v))
     if sq is not None:  # q and k arrived in e4m3 on their static scales
-        o8, scale = attention.e4m3_prequantized(q, k, sq, sk, v)
-        rows = o8.reshape(-1, o8.shape[-2] * o8.shape[-1])
-        y = fp8_gemm(attn.o, rows, scale.reshape(1, 1).expand(rows.shape[0], 1).contiguous())
-        return split_pair(attn.o, y, delta_coded=False, add_bias=True)
+        return _o_from_e4m3(attn.o, *attention.e4m3_prequantized(q, k, sq, sk, v))
     if e4m3 is not None and isinstance(attn.o, accel.Fp8Linear):
-        o8, scale = e4m3(q, k, v)  # (2, S, n, d) e4m3 on one scale: the o GEMM reads it as it is
-        rows = o8.reshape(-1, o8.shape[-2] * o8.shape[-1])
-        y = fp8_gemm(attn.o, rows, scale.reshape(1, 1).expand(rows.shape[0], 1).contiguous())
-        return split_pair(attn.o, y, delta_coded=False, add_bias=True)
+        return _o_from_e4m3(attn.o, *e4m3(q, k, v))
     out = accel._merge_heads(attention(q, k, v))
     return _pair_of(out[0], out[1], attn.o).through(attn.o)
+
+
+def _o_from_e4m3(o, out8: torch.Tensor, scale: torch.Tensor):
+    """The output projection of an e4m3 attention output (2, S, n, d) on one scale: the GEMM reads it as it is."""
+    rows = out8.reshape(-1, out8.shape[-2] * out8.shape[-1])
+    y = accel.fp8_gemm(o, rows, scale.reshape(1, 1).expand(rows.shape[0], 1).contiguous())
+    return accel.split_pair(o, y, delta_coded=False, add_bias=True)
 
 
 def _cross_attention(attn, pair: Pair, context, attention, dtype):

@@ -14,12 +14,14 @@ the input once and writes the e4m3 rows once:
                      GELU(tanh) of both branches -> e4m3 rows + scales.
 
 Both return (rows (2S, K) float8_e4m3fn, scales (2S, 1) float32) in the layout ``torch._scaled_mm`` takes,
-the same maths as :func:`.pair_block.quantize_pair` on the torch expressions (in fp32 throughout).
+the same maths as :func:`.accel.quantize_pair` on the torch expressions (in fp32 throughout).
 They run where Triton runs a GPU (or under ``TRITON_INTERPRET=1``, which the CPU tests use); elsewhere
 :func:`available` is False and the block keeps the torch expressions.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -36,11 +38,7 @@ def available(x: torch.Tensor) -> bool:
     """Whether the kernels can run on ``x``'s device."""
     if triton is None:
         return False
-    if x.is_cuda:
-        return True
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
