@@ -488,6 +488,9 @@ def main():
             accel.patch_block_forwards(dit, attention=attention, compile_blocks=True,
                                        compile_backend=args.compile_backend)
             phase(name, batched=True)
+        accel.set_fast_accum(dit)  # fast FP8 accumulation where the sums are short (accel.FAST_ACCUM_MAX_K)
+        phase("ours + pair_block + kernels + fast_accum", batched=True)
+        accel.set_fast_accum(dit, on=False)
         accel.unpatch_block_forwards(dit)
         accel.patch_block_forwards(dit, attention=attention, compile_blocks=True, compile_backend=args.compile_backend,
                                    pair=False)
@@ -511,6 +514,9 @@ def main():
                 accel.patch_block_forwards(dit, attention=attention, compile_blocks=True,
                                            compile_backend=args.compile_backend, self_attention=fp8_attention.sdpa_fp8)
                 phase(name, batched=True)
+            accel.set_fast_accum(dit)
+            phase("ours + fp8_attention + pair_block + kernels + fast_accum", batched=True)
+            accel.set_fast_accum(dit, on=False)
             accel.unpatch_block_forwards(dit)
             accel.patch_block_forwards(dit, attention=attention, compile_blocks=True, compile_backend=args.compile_backend)
         else:

@@ -98,9 +98,9 @@ def test_apply_levers_on_cpu_falls_back_with_notices():
     ref = predict(dit, x, batched=False)
     notices = []
     report = accel.apply_speed_levers(dit, accel.ALL_LEVERS, notice=notices.append)
-    assert set(report.skipped) == {"fp8", "fp8_attention", "cudnn_attention", "compile"}
+    assert set(report.skipped) == {"fp8", "fast_accum", "fp8_attention", "cudnn_attention", "compile"}
     assert "fused_rope" in report.applied
-    assert len(notices) == 4 and all("CPU" in n or "CUDA" in n for n in notices)
+    assert len(notices) == 5 and all("CPU" in n or "CUDA" in n or "fp8 lever" in n for n in notices)
     assert all(isinstance(b.ffn[0], torch.nn.Linear) for b in dit.blocks)  # weights untouched
     assert rel(predict(dit, x, batched=True), ref) < 1e-5
 
@@ -198,7 +198,8 @@ def test_ex4d_bench_tiny_cpu_report(tmp_path):
     for run in (ref, ours):
         assert {"text_encoding", "image_encoding", "video_condition", "denoise_step", "vae_decode"} <= set(run["stages"])
     assert ours["noise_pred_cosine_vs_reference"]["min"] > 0.9999  # CPU: real RoPE + CFG batch only
-    assert "speedup_whole_shot" in ours and set(report["levers"]["skipped"]) == {"fp8", "cudnn_attention", "compile"}
+    assert "speedup_whole_shot" in ours and set(report["levers"]["skipped"]) == {
+        "fp8", "fast_accum", "cudnn_attention", "compile", "vae_channels_last"}
     fastest = report["runs"]["ours_fastest"]  # on CPU: FP8 attention skipped with its reason, same maths
     assert "fp8_attention" in report["fastest_levers"]["skipped"] and "video_psnr_vs_reference_db" in fastest
 

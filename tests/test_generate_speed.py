@@ -65,7 +65,7 @@ def test_reference_and_cpu_fast_plans():
     assert ref.levers == () and not ref.skipped and not ref.notices()
     fast = plan_speed("fast", "resident", "cpu")
     assert fast.levers == ("cfg_batch",) and fast.fp8_matmul == ()
-    assert set(fast.skipped) == {"cudnn_attention", "fused_rope", "fp8", "compile"}
+    assert set(fast.skipped) == {"cudnn_attention", "fused_rope", "fp8", "fast_accum", "compile", "vae_channels_last"}
     assert len(fast.notices()) == 1  # one line per reason
 
 
@@ -83,7 +83,8 @@ def gpu_probes(monkeypatch):
 
 def test_fastest_adds_fp8_attention_where_it_can_run(gpu_probes):
     fastest = plan_speed("fastest", "resident", "cuda")
-    assert fastest.levers == ("cudnn_attention", "fused_rope", "fp8", "fp8_attention", "compile", "cfg_batch")
+    assert fastest.levers == ("cudnn_attention", "fused_rope", "fp8", "fp8_attention", "fast_accum", "compile",
+                              "cfg_batch", "vae_channels_last")
     assert plan_speed("fast", "resident", "cuda").levers == tuple(lv for lv in fastest.levers if lv != "fp8_attention")
     gpu_probes["fp8_attention"] = (False, "nvidia-cudnn-frontend is not installed")
     without = plan_speed("fastest", "stream", "cuda")
@@ -94,7 +95,7 @@ def test_fastest_adds_fp8_attention_where_it_can_run(gpu_probes):
 
 
 def test_cuda_plans_per_memory_mode(gpu_probes):
-    every = ("cudnn_attention", "fused_rope", "fp8", "compile", "cfg_batch")
+    every = ("cudnn_attention", "fused_rope", "fp8", "fast_accum", "compile", "cfg_batch", "vae_channels_last")
     for mode in ("resident", "stream"):
         plan = plan_speed("fast", mode, "cuda")
         assert plan.levers == every and plan.fp8_matmul == accel.FP8_LINEARS and plan.fp8_weight_only == ()
@@ -103,10 +104,10 @@ def test_cuda_plans_per_memory_mode(gpu_probes):
     assert fp8.fp8_matmul == accel.FP8_LINEARS and "cross_attn.k_img" in fp8.fp8_weight_only
     offload = plan_speed("fast", "offload", "cuda")
     assert offload.levers == ("cudnn_attention", "fused_rope", "cfg_batch") and offload.fp8_matmul == ()
-    assert "stream" in offload.skipped["compile"]
+    assert "stream" in offload.skipped["compile"] and "layer by layer" in offload.skipped["vae_channels_last"]
     gpu_probes["compile"] = (False, "Triton is not installed")
     no_triton = plan_speed("fast", "resident", "cuda")
-    assert no_triton.levers == ("cudnn_attention", "fused_rope", "cfg_batch")
+    assert no_triton.levers == ("cudnn_attention", "fused_rope", "cfg_batch", "vae_channels_last")
     assert "compiled quantisation" in no_triton.skipped["fp8"]
     gpu_probes["fp8"] = (False, "GPU compute capability 8.6 < 8.9 has no FP8 matrix units")
     assert "8.6" in plan_speed("fast", "fp8", "cuda").skipped["fp8"]  # fp8 mode keeps weight-only storage
@@ -120,6 +121,44 @@ def test_fast_on_cpu_batches_cfg_and_matches_reference(clip, reference, fast):
     out = fast.generate(clip[0], clip[1], steps=4)
     assert out.shape == clip[0].shape and out.dtype == np.uint8
     assert np.abs(out.astype(int) - ref_out).max() <= 1
+
+
+def test_vae_channels_last_lever_keeps_the_output(clip, reference):
+    """The VAE lever is a GPU gain, but its code path (direct call, channels-last 3-D convolutions) runs on
+    CPU too: the whole tiny shot with it equals the release's calls."""
+    from ex4d.generate import vae_speed
+
+    ref_gen, ref_out = reference
+    pipe = ref_gen.pipe
+    convs = [m for m in pipe.vae.model.modules() if isinstance(m, torch.nn.Conv3d)]
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    released = pipe.vae.encode([video[0]], device="cpu")
+    accel.install_vae_channels_last(pipe)
+    try:
+        assert pipe.vae_channels_last and all(c.weight.is_contiguous(memory_format=torch.channels_last_3d) for c in convs)
+        latents = vae_speed.encode(pipe.vae, video, "cpu")
+        assert latents.is_contiguous() and torch.allclose(latents, released, atol=1e-5)
+        decoded = vae_speed.decode(pipe.vae, latents, "cpu")
+        assert decoded.shape == video.shape and float(decoded.abs().max()) <= 1.0
+        assert torch.allclose(decoded, pipe.vae.decode([latents[0]], device="cpu"), atol=1e-5)
+        out = ref_gen.generate(clip[0], clip[1], steps=4)
+    finally:
+        accel.install_vae_channels_last(pipe, on=False)
+    assert not pipe.vae_channels_last and all(c.weight.is_contiguous() for c in convs)
+    assert np.abs(out.astype(int) - ref_out).max() <= 1
+    assert vae_speed.vae_channels_last_supported("cpu")[0] is False
+
+
+def test_fast_accumulation_only_for_short_sums():
+    torch.manual_seed(0)
+    block = torch.nn.ModuleDict({"attn": torch.nn.Linear(64, 64), "down": torch.nn.Linear(128, 64)})
+    for name in ("attn", "down"):
+        block[name] = accel.Fp8Linear(block[name])
+    assert accel.set_fast_accum(block, max_k=64) == 1
+    assert block["attn"].fast_accum and not block["down"].fast_accum
+    assert accel.set_fast_accum(block, on=False) == 0 and not block["attn"].fast_accum
+    assert accel.set_fast_accum(block) == 2  # both sums are short of the default bound (8192)
+    assert accel.FAST_ACCUM_MAX_K == 8192
 
 
 def test_compile_failure_falls_back_to_eager_once():

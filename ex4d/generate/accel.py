@@ -35,11 +35,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-ALL_LEVERS = ("cudnn_attention", "fused_rope", "fp8_ffn", "fp8", "fp8_attention", "compile")
+ALL_LEVERS = ("cudnn_attention", "fused_rope", "fp8_ffn", "fp8", "fast_accum", "fp8_attention", "compile")
 # fp8 in every token-wise linear: per-step cosine of the CFG-combined prediction vs the bf16 reference
 # 0.994 with the CFG pair coded as nega + delta, 0.984 with the two rows quantised independently (random
 # weights, docs/benchmarks.md).
-DEFAULT_LEVERS = ("cudnn_attention", "fused_rope", "fp8", "compile")
+DEFAULT_LEVERS = ("cudnn_attention", "fused_rope", "fp8", "fast_accum", "compile")
+# Levers of the pipeline rather than the DiT (see accelerate_pipeline).
+PIPELINE_LEVERS = ("cfg_batch", "vae_channels_last")
+# fast_accum: Hopper's FP8 tensor cores keep partial sums in reduced precision unless they are promoted to
+# fp32 every few k-steps; skipping the promotion measured 1.124x for the 5120 -> 5120 GEMMs (q/k/v/o,
+# cross q/o) but 1.02x / 1.006x for the FFN's, whose longer sums (k = 13824) lose more (relative error
+# against fp32 of the same e4m3 operands 0.0017 -> 0.0023 at k = 5120, -> 0.0033 at k = 13824; the e4m3
+# rounding of the activations themselves is ~10x larger). bench/fp8_gemm_gpu.py, H200.
+FAST_ACCUM_MAX_K = 8192
 FFN_LINEARS = ("ffn.0", "ffn.2")
 
 # Linear layers that see the video tokens (their cost scales with the 13k tokens); the cross-attention
@@ -214,12 +222,13 @@ class Fp8Linear(torch.nn.Module):
         self.bias_in_matmul = _scaled_mm_takes_bias(w.device, w.dtype)
         # A batch of 2 is batched CFG's (posi, nega): see _forward_pair. Off only for A/B measurements.
         self.cfg_pair_delta = True
+        self.fast_accum = False  # the fast_accum lever (see FAST_ACCUM_MAX_K)
 
     def _matmul(self, x2: torch.Tensor, with_bias: bool) -> torch.Tensor:
         xq, xs = _quantize(x2)
         fused_bias = self.bias if (with_bias and self.bias_in_matmul) else None
         y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale,
-                             bias=fused_bias, out_dtype=self.out_dtype)
+                             bias=fused_bias, out_dtype=self.out_dtype, use_fast_accum=self.fast_accum)
         if with_bias and self.bias is not None and fused_bias is None:
             y = y + self.bias
         return y
@@ -258,7 +267,7 @@ def quantize_pair(posi: torch.Tensor, nega: torch.Tensor) -> tuple[torch.Tensor,
 def fp8_gemm(linear: Fp8Linear, rows: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """e4m3 rows (M, K) with per-row scales (M, 1) through an :class:`Fp8Linear`'s weight, no bias."""
     return torch._scaled_mm(rows, linear.weight_fp8.t(), scale_a=scales, scale_b=linear.weight_scale,
-                            out_dtype=linear.out_dtype)
+                            out_dtype=linear.out_dtype, use_fast_accum=linear.fast_accum)
 
 
 def split_pair(linear, y: torch.Tensor, *, delta_coded: bool, add_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -517,17 +526,21 @@ def apply_speed_levers(target, levers=DEFAULT_LEVERS, *, device=None, compile_mo
                        notice=warnings.warn) -> LeverReport:
     """Apply ``levers`` (names from :data:`ALL_LEVERS`) in place to a diffsynth WanModel or a pipeline with
     ``.dit``. Levers the machine cannot run are skipped with a notice; returns what was applied."""
-    unknown = set(levers) - set(ALL_LEVERS) - {"cfg_batch"}
+    unknown = set(levers) - set(ALL_LEVERS) - set(PIPELINE_LEVERS)
     if unknown:
-        raise ValueError(f"unknown speed levers: {sorted(unknown)} (known: {', '.join(ALL_LEVERS)}, cfg_batch)")
+        raise ValueError(f"unknown speed levers: {sorted(unknown)} (known: {', '.join(ALL_LEVERS + PIPELINE_LEVERS)})")
     dit = _dit_of(target)
     device = torch.device(device) if device is not None else next(dit.parameters()).device
     unpatch_block_forwards(dit)  # re-applying replaces an earlier patch (e.g. fp8_ffn -> fp8)
     report = LeverReport()
 
     fp8_lever = "fp8" if "fp8" in levers else ("fp8_ffn" if "fp8_ffn" in levers else None)
-    if fp8_lever and report.probe(fp8_lever, fp8_supported(device)):
+    fp8_on = bool(fp8_lever) and report.probe(fp8_lever, fp8_supported(device))
+    if fp8_on:
         convert_blocks_to_fp8(dit, FP8_LINEARS if fp8_lever == "fp8" else FFN_LINEARS)
+    if "fast_accum" in levers:
+        if report.probe("fast_accum", (fp8_on, "fast accumulation is the FP8 matmuls' (fp8 lever not applied)")):
+            set_fast_accum(dit)
 
     attention = sdpa_default
     if "cudnn_attention" in levers and report.probe("cudnn_attention", cudnn_attention_supported(device)):
@@ -608,12 +621,38 @@ def install_cfg_batch(pipe) -> None:
     pipe.predict_noise = predict_noise
 
 
-def accelerate_pipeline(pipe, levers=DEFAULT_LEVERS + ("cfg_batch",), **kw) -> LeverReport:
-    """:func:`apply_speed_levers` on ``pipe.dit`` plus batched CFG on the pipeline's noise prediction."""
-    report = apply_speed_levers(pipe.dit, [lv for lv in levers if lv != "cfg_batch"], **kw)
+def set_fast_accum(dit, on: bool = True, max_k: int = FAST_ACCUM_MAX_K) -> int:
+    """Fast FP8 accumulation for every :class:`Fp8Linear` of ``dit`` with at most ``max_k`` inputs."""
+    count = 0
+    for module in dit.modules():
+        if isinstance(module, Fp8Linear):
+            module.fast_accum = bool(on) and module.in_features <= max_k
+            count += module.fast_accum
+    return count
+
+
+def install_vae_channels_last(pipe, on: bool = True) -> None:
+    """The VAE lever of :mod:`.vae_speed` on an ``Ex4dPipeline``."""
+    from . import vae_speed
+
+    (vae_speed.install if on else vae_speed.uninstall)(pipe.vae)
+    pipe.vae_channels_last = bool(on)
+
+
+def accelerate_pipeline(pipe, levers=DEFAULT_LEVERS + PIPELINE_LEVERS, **kw) -> LeverReport:
+    """:func:`apply_speed_levers` on ``pipe.dit`` plus the pipeline's levers: batched CFG on the noise
+    prediction, the VAE's channels-last calls."""
+    report = apply_speed_levers(pipe.dit, [lv for lv in levers if lv not in PIPELINE_LEVERS], **kw)
     if "cfg_batch" in levers:
         install_cfg_batch(pipe)
         report.applied.append("cfg_batch")
+    if "vae_channels_last" in levers:
+        from .vae_speed import vae_channels_last_supported
+
+        if report.probe("vae_channels_last", vae_channels_last_supported(pipe.device, pipe.memory_mode)):
+            install_vae_channels_last(pipe)
+        else:
+            kw.get("notice", warnings.warn)(f"speed lever vae_channels_last skipped: {report.skipped['vae_channels_last']}")
     return report
 
 

@@ -27,6 +27,7 @@ import torch
 from einops import rearrange
 
 from ..errors import Cancelled
+from . import vae_speed
 from .settings import RELEASE_SIGMA_SHIFT
 
 ProgressFn = Callable[..., None]
@@ -124,6 +125,7 @@ class Ex4dPipeline(_pipeline_base()):
         self.memory_mode = "resident"
         self.model_fn = ex4d_model_fn  # swap point for speed work (compiled / attention variants)
         self.batch_cfg = False  # True: one DiT call with batch 2 (posi, nega) instead of two calls
+        self.vae_channels_last = False  # True: the speed lever of .vae_speed (set by install_vae_channels_last)
         self.in_iteration_models = ("dit", "condition_encoder")
         self.adapter_report = None
         self.speed = "reference"  # set by speed.finish_speed
@@ -168,6 +170,8 @@ class Ex4dPipeline(_pipeline_base()):
 
     def _vae_encode(self, video: torch.Tensor) -> torch.Tensor:
         """(3,T,H,W) in [-1,1] -> (1,16,f,h,w), not tiled (the release's setting)."""
+        if self.vae_channels_last:
+            return vae_speed.encode(self.vae, video[None], self.device).to(self.torch_dtype)
         z = self.vae.encode([video.to(dtype=self.torch_dtype)], device=self.device, tiled=False)
         return z.to(dtype=self.torch_dtype, device=self.device)
 
@@ -269,7 +273,10 @@ class Ex4dPipeline(_pipeline_base()):
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents -> (T,H,W,3) uint8 (not tiled, as the release)."""
         self.load_models_to_device(("vae",))
-        video = self.vae.decode(latents.to(self.torch_dtype), device=self.device, tiled=False)[0]
+        if self.vae_channels_last:
+            video = vae_speed.decode(self.vae, latents.to(self.torch_dtype), self.device)[0]
+        else:
+            video = self.vae.decode(latents.to(self.torch_dtype), device=self.device, tiled=False)[0]
         frames = ((video.float() + 1.0) * 127.5).clamp(0, 255).to(torch.uint8)
         return frames.permute(1, 2, 3, 0).cpu().numpy()
 

@@ -10,8 +10,10 @@ notice (levers skipped for the same reason share one line):
 ========== ===================================================================================================
 resident   cuDNN attention, fused (real fp32) RoPE, FP8 matmuls in every token-wise block linear
            (self-attention q/k/v/o, cross-attention q/o, FFN: per-channel weight scale, per-token
-           activation scale, the CFG pair coded as nega + delta, see accel.Fp8Linear), regional
-           torch.compile, both CFG branches in one batch-2 forward. LoRA merged into the weights.
+           activation scale, the CFG pair coded as nega + delta, see accel.Fp8Linear) with fast FP8
+           accumulation where the sums are short (k <= 8192: q/k/v/o, cross q/o), regional
+           torch.compile, both CFG branches in one batch-2 forward, the VAE on channels-last 3-D
+           convolutions (vae_speed). LoRA merged into the weights.
 stream     the same levers; FP8 weights also make each streamed block smaller, so more blocks stay
            resident.
 fp8        the same FP8 matmuls; in addition the cross-attention k/v/k_img/v_img (text / image tokens)
@@ -23,7 +25,8 @@ fastest    ``fast`` plus the video tokens' self-attention in FP8 through cuDNN's
            ~15x further from fp32 than bf16 for sharp attention (docs/benchmarks.md): try it on a shot
            before using it for finals.
 offload    cuDNN attention, fused RoPE and CFG batch only: diffsynth moves each layer's weights when it
-           runs, which neither FP8 modules nor a compiled block can follow (use ``stream`` instead).
+           runs, which neither FP8 modules, a compiled block nor the VAE lever can follow (use
+           ``stream`` instead).
 CPU        CFG batch only (the other levers are CUDA kernels).
 ========== ===================================================================================================
 
@@ -38,7 +41,7 @@ from dataclasses import dataclass, field
 from ..errors import InputError
 from .settings import SPEEDS
 
-FAST_LEVERS = ("cudnn_attention", "fused_rope", "fp8", "compile", "cfg_batch")
+FAST_LEVERS = ("cudnn_attention", "fused_rope", "fp8", "fast_accum", "compile", "cfg_batch", "vae_channels_last")
 
 # Linears of a block that the "fp8" memory mode + fast keeps as scaled FP8 weights with bf16 matmuls.
 FP8_WEIGHT_ONLY = ("cross_attn.k", "cross_attn.v", "cross_attn.k_img", "cross_attn.v_img")
@@ -86,8 +89,9 @@ def plan_speed(speed: str, memory_mode: str, device) -> SpeedPlan:
         wanted.insert(wanted.index("fp8") + 1, "fp8_attention")
     skipped: dict[str, str] = {}
     if device.type != "cuda":
-        for lever in wanted[:-1]:
-            skipped[lever] = f"running on {device.type}; CUDA levers"
+        for lever in wanted:
+            if lever != "cfg_batch":
+                skipped[lever] = f"running on {device.type}; CUDA levers"
     else:
         if memory_mode == "offload":
             why = "diffsynth's offload moves each layer at call time; --memory-mode stream keeps them"
@@ -102,6 +106,13 @@ def plan_speed(speed: str, memory_mode: str, device) -> SpeedPlan:
                 skipped["fp8"] = why
             elif "compile" in skipped:  # eager per-token quantisation costs more than FP8 saves
                 skipped["fp8"] = "FP8 activations need the compiled quantisation kernel (compile is off)"
+        if "fp8" in skipped:
+            skipped["fast_accum"] = "fast accumulation is the FP8 matmuls' (fp8 not used)"
+        from .vae_speed import vae_channels_last_supported
+
+        ok, why = vae_channels_last_supported(device, memory_mode)
+        if not ok:
+            skipped["vae_channels_last"] = why
         ok, why = accel.cudnn_attention_supported(device)
         if not ok:
             skipped["cudnn_attention"] = why
@@ -135,5 +146,9 @@ def finish_speed(pipe, plan: SpeedPlan, notice=warnings.warn) -> None:
         accel.patch_block_forwards(pipe.dit, attention=attention, compile_blocks="compile" in levers, notice=notice,
                                    self_attention=self_attention)
     pipe.batch_cfg = "cfg_batch" in levers
+    if "fast_accum" in levers:
+        accel.set_fast_accum(pipe.dit)
+    if "vae_channels_last" in levers:
+        accel.install_vae_channels_last(pipe)
     pipe.speed = plan.speed
     pipe.speed_report = plan.as_dict()
