@@ -275,7 +275,8 @@ def codes_agree(q, qr):
     ok = (a == b) | ((a - b).abs() <= step) | ((2 * a == b) & (torch.log2(b.abs()) == torch.log2(b.abs()).round()))
     return bool(ok.all()), float((a == b).float().mean())
 
-pk.CHUNK = 64  # several chunks per row, and a partial last one (D = 96, F = 200)
+# several chunks per row, a partial last one (D = 96, F = 200), and 2 programs walking the 6 tokens grid-stride
+pk.LAUNCH = {name: pk.Launch(chunk=64, programs_per_sm=2) for name in pk.LAUNCH}
 S, D, F = 6, 96, 200
 x0 = torch.randn(S, D).bfloat16() * 3 + 1
 x1 = (x0.float() + 0.05 * torch.randn(S, D)).bfloat16()

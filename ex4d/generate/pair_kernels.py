@@ -22,6 +22,7 @@ They run where Triton runs a GPU (or under ``TRITON_INTERPRET=1``, which the CPU
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -68,7 +69,12 @@ if triton is not None:
     @triton.jit
     def _ln_pair_quant_kernel(x0_ptr, x1_ptr, w_ptr, b_ptr, q_ptr, s_ptr, S, D, eps, NORM: tl.constexpr,
                               CHUNK: tl.constexpr):
-        t = tl.program_id(0).to(tl.int64)
+        for t in range(tl.program_id(0).to(tl.int64), S, tl.num_programs(0)):  # grid-stride: see Launch
+            _ln_pair_quant_token(x0_ptr, x1_ptr, w_ptr, b_ptr, q_ptr, s_ptr, t, S, D, eps, NORM, CHUNK)
+
+    @triton.jit
+    def _ln_pair_quant_token(x0_ptr, x1_ptr, w_ptr, b_ptr, q_ptr, s_ptr, t, S, D, eps, NORM: tl.constexpr,
+                             CHUNK: tl.constexpr):
         base = tl.arange(0, CHUNK)
         mean0 = 0.0
         mean1 = 0.0
@@ -129,7 +135,11 @@ if triton is not None:
 
     @triton.jit
     def _gelu_pair_quant_kernel(y_ptr, bias_ptr, q_ptr, s_ptr, S, F, HAS_BIAS: tl.constexpr, CHUNK: tl.constexpr):
-        t = tl.program_id(0).to(tl.int64)
+        for t in range(tl.program_id(0).to(tl.int64), S, tl.num_programs(0)):
+            _gelu_pair_quant_token(y_ptr, bias_ptr, q_ptr, s_ptr, t, S, F, HAS_BIAS, CHUNK)
+
+    @triton.jit
+    def _gelu_pair_quant_token(y_ptr, bias_ptr, q_ptr, s_ptr, t, S, F, HAS_BIAS: tl.constexpr, CHUNK: tl.constexpr):
         base = tl.arange(0, CHUNK)
         amax_d = tl.zeros([CHUNK], tl.float32)
         amax_n = tl.zeros([CHUNK], tl.float32)
@@ -152,7 +162,13 @@ if triton is not None:
     @triton.jit
     def _rms_rope_pair_kernel(y_ptr, bias_ptr, w_ptr, cos_ptr, sin_ptr, scale_ptr, out_ptr, S, D, HALF_HEAD, eps,
                               HAS_BIAS: tl.constexpr, OUT_FP8: tl.constexpr, CHUNK: tl.constexpr):
-        t = tl.program_id(0).to(tl.int64)
+        for t in range(tl.program_id(0).to(tl.int64), S, tl.num_programs(0)):
+            _rms_rope_pair_token(y_ptr, bias_ptr, w_ptr, cos_ptr, sin_ptr, scale_ptr, out_ptr, t, S, D,
+                                 HALF_HEAD, eps, HAS_BIAS, OUT_FP8, CHUNK)
+
+    @triton.jit
+    def _rms_rope_pair_token(y_ptr, bias_ptr, w_ptr, cos_ptr, sin_ptr, scale_ptr, out_ptr, t, S, D, HALF_HEAD, eps,
+                             HAS_BIAS: tl.constexpr, OUT_FP8: tl.constexpr, CHUNK: tl.constexpr):
         base = tl.arange(0, CHUNK)
         sq_p = tl.zeros([CHUNK], tl.float32)
         sq_n = tl.zeros([CHUNK], tl.float32)
@@ -202,7 +218,27 @@ if triton is not None:
                     tl.store(row + od, o_o.to(tl.bfloat16), mask=mask)
 
 
-CHUNK = 1024  # elements per walk step (4 warps: 8 per thread)
+@dataclass
+class Launch:
+    """How a kernel is launched: ``chunk`` elements per walk step, ``warps`` per program, and ``programs``
+    per SM (None: one program per token). A bounded grid walks the tokens grid-stride, which caps how many
+    tokens' rows are in flight at once, so the later walks over a token find its rows still in L2."""
+
+    chunk: int = 1024
+    warps: int = 4
+    programs_per_sm: int | None = None
+
+    def grid(self, tokens: int, device) -> tuple[int]:
+        if self.programs_per_sm is None:
+            return (tokens,)
+        return (max(1, min(tokens, self.programs_per_sm * _sm_count(device))),)
+
+
+LAUNCH = {"ln": Launch(), "gelu": Launch(), "rms_rope": Launch()}
+
+
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _outputs(s: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +251,9 @@ def launch_ln_pair_quant(x0, x1, w, b, eps: float, norm: bool = True):
     quantises the pair as it is (w, b and eps unused)."""
     s, d = x0.shape
     q, scales = _outputs(s, d, x0.device)
-    _ln_pair_quant_kernel[(s,)](x0, x1, w, b, q, scales, s, d, eps, NORM=norm, CHUNK=CHUNK, num_warps=4)
+    cfg = LAUNCH["ln"]
+    _ln_pair_quant_kernel[cfg.grid(s, x0.device)](x0, x1, w, b, q, scales, s, d, eps, NORM=norm, CHUNK=cfg.chunk,
+                                                  num_warps=cfg.warps)
     return q, scales
 
 
@@ -224,8 +262,9 @@ def launch_gelu_pair_quant(y, bias):
     rows, f = y.shape
     s = rows // 2
     q, scales = _outputs(s, f, y.device)
-    _gelu_pair_quant_kernel[(s,)](y, bias if bias is not None else y, q, scales, s, f, HAS_BIAS=bias is not None,
-                                  CHUNK=CHUNK, num_warps=4)
+    cfg = LAUNCH["gelu"]
+    _gelu_pair_quant_kernel[cfg.grid(s, y.device)](y, bias if bias is not None else y, q, scales, s, f,
+                                                   HAS_BIAS=bias is not None, CHUNK=cfg.chunk, num_warps=cfg.warps)
     return q, scales
 
 
@@ -235,9 +274,11 @@ def launch_rms_rope_pair(y, bias, weight, cos, sin, eps: float, scale):
     rows, d = y.shape
     s = rows // 2
     out = torch.empty((2, s, d), device=y.device, dtype=torch.float8_e4m3fn if scale is not None else torch.bfloat16)
-    _rms_rope_pair_kernel[(s,)](y, bias if bias is not None else y, weight, cos, sin,
-                                scale if scale is not None else cos, out, s, d, cos.shape[-1], eps,
-                                HAS_BIAS=bias is not None, OUT_FP8=scale is not None, CHUNK=CHUNK, num_warps=4)
+    cfg = LAUNCH["rms_rope"]
+    _rms_rope_pair_kernel[cfg.grid(s, y.device)](y, bias if bias is not None else y, weight, cos, sin,
+                                                 scale if scale is not None else cos, out, s, d, cos.shape[-1], eps,
+                                                 HAS_BIAS=bias is not None, OUT_FP8=scale is not None,
+                                                 CHUNK=cfg.chunk, num_warps=cfg.warps)
     return out
 
 
