@@ -200,6 +200,7 @@ def test_ex4d_bench_tiny_cpu_report(tmp_path):
     assert ours["noise_pred_cosine_vs_reference"]["min"] > 0.9999  # CPU: real RoPE + CFG batch only
     assert "speedup_whole_shot" in ours and set(report["levers"]["skipped"]) == {
         "fp8", "fast_accum", "cudnn_attention", "compile", "vae_channels_last"}
+    assert "context_kv_cache" in report["levers"]["applied"]
     fastest = report["runs"]["ours_fastest"]  # on CPU: FP8 attention skipped with its reason, same maths
     assert "fp8_attention" in report["fastest_levers"]["skipped"] and "video_psnr_vs_reference_db" in fastest
 
@@ -233,6 +234,27 @@ def test_pair_block_forward_is_the_batched_fp8_forward():
         accel.unpatch_block_forwards(dit)
     assert len(calls) == len(dit.blocks)
     assert rel(per_branch, batched) < 1e-5
+
+
+def test_blocks_take_the_context_keys_values_from_a_context_kv():
+    """Both block forwards (per-branch pair, plain) give exactly the same output from cached keys/values."""
+    torch.manual_seed(0)
+    dit = _fp8_dit()
+    block = dit.blocks[0]
+    context = torch.randn(2, 257 + 12, 256)
+    t_mod = torch.randn(1, 6, 256)
+    freqs = torch.polar(torch.ones(24, 1, 64, dtype=torch.float64), torch.randn(24, 1, 64, dtype=torch.float64))
+    accel.patch_block_forwards(dit)
+    try:
+        for x in (torch.randn(2, 24, 256), torch.randn(1, 24, 256)):  # the pair form, then the plain one
+            ctx = context[: x.shape[0]]
+            cache = accel.ContextKV()
+            plain = block(x, ctx, t_mod, freqs)
+            assert torch.equal(block(x, ctx, t_mod, freqs, context_kv=cache.scope("s")), plain)
+            assert torch.equal(block(x, ctx, t_mod, freqs, context_kv=cache.scope("s")), plain)
+            assert len(cache) == 1 and len(cache.scope("s").get(block, ctx)) == 4  # text k/v + image k/v
+    finally:
+        accel.unpatch_block_forwards(dit)
 
 
 def test_pair_block_feeds_an_e4m3_attention_output_to_the_o_gemm():

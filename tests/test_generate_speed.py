@@ -65,7 +65,8 @@ def test_reference_and_cpu_fast_plans():
     assert ref.levers == () and not ref.skipped and not ref.notices()
     fast = plan_speed("fast", "resident", "cpu")
     assert fast.levers == ("cfg_batch",) and fast.fp8_matmul == ()
-    assert set(fast.skipped) == {"cudnn_attention", "fused_rope", "fp8", "fast_accum", "compile", "vae_channels_last"}
+    assert set(fast.skipped) == {"cudnn_attention", "fused_rope", "fp8", "fast_accum", "compile", "vae_channels_last",
+                                 "context_kv_cache"}
     assert len(fast.notices()) == 1  # one line per reason
 
 
@@ -84,7 +85,7 @@ def gpu_probes(monkeypatch):
 def test_fastest_adds_fp8_attention_where_it_can_run(gpu_probes):
     fastest = plan_speed("fastest", "resident", "cuda")
     assert fastest.levers == ("cudnn_attention", "fused_rope", "fp8", "fp8_attention", "fast_accum", "compile",
-                              "cfg_batch", "vae_channels_last")
+                              "cfg_batch", "vae_channels_last", "context_kv_cache")
     assert plan_speed("fast", "resident", "cuda").levers == tuple(lv for lv in fastest.levers if lv != "fp8_attention")
     gpu_probes["fp8_attention"] = (False, "nvidia-cudnn-frontend is not installed")
     without = plan_speed("fastest", "stream", "cuda")
@@ -95,10 +96,12 @@ def test_fastest_adds_fp8_attention_where_it_can_run(gpu_probes):
 
 
 def test_cuda_plans_per_memory_mode(gpu_probes):
-    every = ("cudnn_attention", "fused_rope", "fp8", "fast_accum", "compile", "cfg_batch", "vae_channels_last")
+    every = ("cudnn_attention", "fused_rope", "fp8", "fast_accum", "compile", "cfg_batch", "vae_channels_last",
+             "context_kv_cache")
     for mode in ("resident", "stream"):
         plan = plan_speed("fast", mode, "cuda")
-        assert plan.levers == every and plan.fp8_matmul == accel.FP8_LINEARS and plan.fp8_weight_only == ()
+        assert plan.levers == (every if mode == "resident" else every[:-1])
+        assert plan.fp8_matmul == accel.FP8_LINEARS and plan.fp8_weight_only == ()
     fp8 = plan_speed("fast", "fp8", "cuda")
     assert fp8.levers == every
     assert fp8.fp8_matmul == accel.FP8_LINEARS and "cross_attn.k_img" in fp8.fp8_weight_only
@@ -107,7 +110,7 @@ def test_cuda_plans_per_memory_mode(gpu_probes):
     assert "stream" in offload.skipped["compile"] and "layer by layer" in offload.skipped["vae_channels_last"]
     gpu_probes["compile"] = (False, "Triton is not installed")
     no_triton = plan_speed("fast", "resident", "cuda")
-    assert no_triton.levers == ("cudnn_attention", "fused_rope", "cfg_batch", "vae_channels_last")
+    assert no_triton.levers == ("cudnn_attention", "fused_rope", "cfg_batch", "vae_channels_last", "context_kv_cache")
     assert "compiled quantisation" in no_triton.skipped["fp8"]
     gpu_probes["fp8"] = (False, "GPU compute capability 8.6 < 8.9 has no FP8 matrix units")
     assert "8.6" in plan_speed("fast", "fp8", "cuda").skipped["fp8"]  # fp8 mode keeps weight-only storage
@@ -147,6 +150,39 @@ def test_vae_channels_last_lever_keeps_the_output(clip, reference):
     assert not pipe.vae_channels_last and all(c.weight.is_contiguous() for c in convs)
     assert np.abs(out.astype(int) - ref_out).max() <= 1
     assert vae_speed.vae_channels_last_supported("cpu")[0] is False
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_context_kv_cache_is_exact_and_computes_once(clip, batched):
+    """The cross-attention keys/values of a shot's context come from the first step; every later step gives
+    exactly what recomputing them gives, with the k/v projections not run again."""
+    gen = load_generator("tiny", speed="reference")
+    pipe = gen.pipe
+    accel.patch_block_forwards(pipe.dit)  # the levers' forward (eager on CPU), which takes the cached k/v
+    if batched:
+        accel.install_cfg_batch(pipe)
+    from ex4d.generate.conditioning import prepare_clip
+
+    prepared = prepare_clip(clip[0], clip[1], seed=0)
+    color = torch.as_tensor(prepared.color)
+    cond = pipe.prepare(color, torch.as_tensor(prepared.mask), prompt="a garden", negative_prompt="blur", cfg=5.0)
+    latents = pipe.initial_noise(color.shape[1], color.shape[2], color.shape[3], 0)
+    steps = [torch.tensor([t]) for t in (900.0, 500.0, 100.0)]
+    with torch.no_grad():
+        plain = [pipe.predict_noise(latents, t, cond) for t in steps]
+        calls = []
+        hooks = [b.cross_attn.k.register_forward_hook(lambda *a: calls.append(1)) for b in pipe.dit.blocks]
+        cond.context_kv = accel.ContextKV()
+        try:
+            cached = [pipe.predict_noise(latents, t, cond) for t in steps]
+        finally:
+            for h in hooks:
+                h.remove()
+    blocks = len(pipe.dit.blocks)
+    passes = 1 if batched else 2  # one batched pair, or posi and nega each in its own scope
+    assert len(cond.context_kv) == blocks * passes and len(calls) == blocks * passes
+    for a, b in zip(plain, cached):
+        assert torch.equal(a, b)
 
 
 def test_fast_accumulation_only_for_short_sums():

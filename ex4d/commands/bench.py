@@ -43,7 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--size", type=int, default=512, help="square size (multiple of 16)")
     p.add_argument("--cfg", type=float, default=5.0)
     p.add_argument("--runs", default="reference,ours", help="comma list of reference, ours, ours_fastest, ours_<N>gb")
-    p.add_argument("--levers", default="cudnn_attention,fused_rope,fp8,fast_accum,compile,cfg_batch,vae_channels_last",
+    p.add_argument("--levers", default="cudnn_attention,fused_rope,fp8,fast_accum,compile,cfg_batch,vae_channels_last,context_kv_cache",
                    help="levers of 'ours' (fp8_ffn instead of fp8: FP8 in the FFN only, the earlier default; run ours_fastest adds FP8 self-attention after ours)")
     p.add_argument("--tiny", action="store_true", help="tiny random model (CPU logic check)")
     p.add_argument("--device", default=None)

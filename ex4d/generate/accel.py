@@ -41,7 +41,7 @@ ALL_LEVERS = ("cudnn_attention", "fused_rope", "fp8_ffn", "fp8", "fast_accum", "
 # weights, docs/benchmarks.md).
 DEFAULT_LEVERS = ("cudnn_attention", "fused_rope", "fp8", "fast_accum", "compile")
 # Levers of the pipeline rather than the DiT (see accelerate_pipeline).
-PIPELINE_LEVERS = ("cfg_batch", "vae_channels_last")
+PIPELINE_LEVERS = ("cfg_batch", "vae_channels_last", "context_kv_cache")
 # fast_accum: Hopper's FP8 tensor cores keep partial sums in reduced precision unless they are promoted to
 # fp32 every few k-steps; skipping the promotion measured 1.124x for the 5120 -> 5120 GEMMs (q/k/v/o,
 # cross q/o) but 1.02x / 1.006x for the FFN's, whose longer sums (k = 13824) lose more (relative error
@@ -401,30 +401,79 @@ def _self_attention(attn, x, cos, sin, attention):
     return attn.o(out if groups else _merge_heads(out))
 
 
-def _attend_context(attn, q, context, attention):
-    """Cross-attention of q (b, n, s, d) to the text (and, for I2V, the CLIP image) tokens -> (b, s, n*d)."""
+def context_keys_values(attn, context) -> tuple:
+    """The cross-attention's keys and values of the text (and, for I2V, the CLIP image) tokens, in heads
+    form (b, n, s, d): (k, v) or (k, v, k_img, v_img). They depend on the context only, not on the step."""
     n = attn.num_heads
     if attn.has_image_input:
         img, ctx = context[:, :257], context[:, 257:]
     else:
         ctx = context
-    out = attention(q, _heads(attn.norm_k(attn.k(ctx)), n), _heads(attn.v(ctx), n))
+    kv = (_heads(attn.norm_k(attn.k(ctx)), n), _heads(attn.v(ctx), n))
     if attn.has_image_input:
-        out = out + attention(q, _heads(attn.norm_k_img(attn.k_img(img)), n), _heads(attn.v_img(img), n))
+        kv += (_heads(attn.norm_k_img(attn.k_img(img)), n), _heads(attn.v_img(img), n))
+    return kv
+
+
+def _attend_context(attn, q, context, attention, kv=None):
+    """Cross-attention of q (b, n, s, d) to the context tokens -> (b, s, n*d); ``kv`` from
+    :func:`context_keys_values` (a :class:`ContextKV`'s) or computed here."""
+    kv = context_keys_values(attn, context) if kv is None else kv
+    out = attention(q, kv[0], kv[1])
+    if len(kv) == 4:
+        out = out + attention(q, kv[2], kv[3])
     return _merge_heads(out)
 
 
-def _cross_attention(attn, x, context, attention):
+def _cross_attention(attn, x, context, attention, kv=None):
     q = _heads(attn.norm_q(attn.q(x)), attn.num_heads)
-    return attn.o(_attend_context(attn, q, context, attention))
+    return attn.o(_attend_context(attn, q, context, attention, kv))
 
 
-def block_forward(block, x, context, t_mod, cos, sin, attention=sdpa_default, self_attention=None, pair=True):
+class ContextKV:
+    """The lever ``context_kv_cache``: every block's cross-attention keys/values of one shot's context,
+    computed at the first denoising step and reused by the others (the text and image tokens do not change
+    between steps; the release recomputes them 25 times). Exact: the same tensors the block would compute.
+
+    One instance belongs to one :class:`~ex4d.generate.pipeline.Conditioning` (one clip or window), so it
+    never outlives its context; ``scope`` separates the arrangements of the CFG branches (the batched
+    pair, or posi and nega in two passes). Memory: about 31 MB per block at Wan2.1-14B's shapes for a
+    batched pair (1.3 GB for 40 blocks)."""
+
+    def __init__(self):
+        self._kv: dict = {}
+
+    def scope(self, name: str) -> "_ContextKVScope":
+        return _ContextKVScope(self, name)
+
+    def get(self, scope: str, block, context) -> tuple:
+        key = (scope, id(block), tuple(context.shape))
+        if key not in self._kv:
+            with torch.no_grad():
+                self._kv[key] = context_keys_values(block.cross_attn, context)
+        return self._kv[key]
+
+    def __len__(self) -> int:
+        return len(self._kv)
+
+
+@dataclass
+class _ContextKVScope:
+    cache: ContextKV
+    name: str
+
+    def get(self, block, context) -> tuple:
+        return self.cache.get(self.name, block, context)
+
+
+def block_forward(block, x, context, t_mod, cos, sin, attention=sdpa_default, self_attention=None, pair=True,
+                  kv=None):
     """diffsynth 2.1.12 ``DiTBlock.forward`` (same modules, same order of operations) with real fp32 RoPE
     and a chosen attention kernel (``self_attention``, if given, for the video tokens' self-attention).
-    A batched CFG pair through FP8 linears takes the per-branch form (``pair``; :mod:`.pair_block`)."""
+    A batched CFG pair through FP8 linears takes the per-branch form (``pair``; :mod:`.pair_block`).
+    ``kv``: the cross-attention's context keys/values if already known (:class:`ContextKV`)."""
     if pair and pair_block.applies(block, x):
-        return pair_block.block_forward(block, x, context, t_mod, cos, sin, attention, self_attention)
+        return pair_block.block_forward(block, x, context, t_mod, cos, sin, attention, self_attention, kv)
     has_seq = t_mod.dim() == 4
     mod = (block.modulation.to(dtype=t_mod.dtype, device=t_mod.device) + t_mod).chunk(6, dim=2 if has_seq else 1)
     if has_seq:
@@ -432,7 +481,7 @@ def block_forward(block, x, context, t_mod, cos, sin, attention=sdpa_default, se
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
     h = block.norm1(x) * (1 + scale_msa) + shift_msa
     x = x + gate_msa * _self_attention(block.self_attn, h, cos, sin, self_attention or attention)
-    x = x + _cross_attention(block.cross_attn, block.norm3(x), context, attention)
+    x = x + _cross_attention(block.cross_attn, block.norm3(x), context, attention, kv)
     h = block.norm2(x) * (1 + scale_mlp) + shift_mlp
     return x + gate_mlp * block.ffn(h)
 
@@ -479,11 +528,11 @@ def patch_block_forwards(dit, attention=sdpa_default, compile_blocks: bool = Fal
         core = torch.compile(block_forward, dynamic=False, mode=compile_mode, backend=compile_backend)
     state = {"eager": not compile_blocks, "worked": False}
 
-    def run(block, x, context, t_mod, cos, sin):
+    def run(block, x, context, t_mod, cos, sin, kv):
         if state["eager"]:
-            return block_forward(block, x, context, t_mod, cos, sin, attention, self_attention, pair)
+            return block_forward(block, x, context, t_mod, cos, sin, attention, self_attention, pair, kv)
         try:
-            out = core(block, x, context, t_mod, cos, sin, attention, self_attention, pair)
+            out = core(block, x, context, t_mod, cos, sin, attention, self_attention, pair, kv)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - only before the first success: the compiler, not the maths
@@ -492,14 +541,15 @@ def patch_block_forwards(dit, attention=sdpa_default, compile_blocks: bool = Fal
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
             notice(f"speed lever compile failed here ({type(e).__name__}: {first}); running the blocks eagerly")
             state["eager"] = True
-            return block_forward(block, x, context, t_mod, cos, sin, attention, self_attention, pair)
+            return block_forward(block, x, context, t_mod, cos, sin, attention, self_attention, pair, kv)
         state["worked"] = True
         return out
 
     def make(block):
-        def forward(self, x, context, t_mod, freqs):
+        def forward(self, x, context, t_mod, freqs, context_kv=None):
             cos, sin = cache.get(freqs)
-            return run(self, x, context, t_mod, cos, sin)
+            kv = context_kv.get(self, context) if context_kv is not None else None
+            return run(self, x, context, t_mod, cos, sin, kv)
 
         return types.MethodType(forward, block)
 
@@ -608,14 +658,16 @@ def install_cfg_batch(pipe) -> None:
     def predict_noise(latents, timestep, cond):
         kwargs = dict(dit=pipe.dit, latents=latents.to(pipe.torch_dtype),
                       timestep=timestep.to(dtype=pipe.torch_dtype, device=pipe.device),
-                      clip_feature=cond.clip_feature, y=cond.y, video_tokens=cond.video_tokens)
+                      clip_feature=cond.clip_feature, y=cond.y, video_tokens=cond.video_tokens,
+                      context_kv=getattr(cond, "context_kv", None))
         if cond.negative_context is None or cond.cfg == 1.0:
-            return pipe.model_fn(context=cond.context, **kwargs).float()
+            return pipe.model_fn(context=cond.context, cache_key="posi", **kwargs).float()
         if cond.context.shape != cond.negative_context.shape:  # cannot batch: two passes, as the release
-            posi = pipe.model_fn(context=cond.context, **kwargs).float()
-            nega = pipe.model_fn(context=cond.negative_context, **kwargs).float()
+            posi = pipe.model_fn(context=cond.context, cache_key="posi", **kwargs).float()
+            nega = pipe.model_fn(context=cond.negative_context, cache_key="nega", **kwargs).float()
         else:
-            posi, nega = pipe.model_fn(context=torch.cat([cond.context, cond.negative_context]), **kwargs).float().chunk(2)
+            posi, nega = pipe.model_fn(context=torch.cat([cond.context, cond.negative_context]), cache_key="cfg_pair",
+                                       **kwargs).float().chunk(2)
         return nega + cond.cfg * (posi - nega)
 
     pipe.predict_noise = predict_noise
@@ -641,11 +693,14 @@ def install_vae_channels_last(pipe, on: bool = True) -> None:
 
 def accelerate_pipeline(pipe, levers=DEFAULT_LEVERS + PIPELINE_LEVERS, **kw) -> LeverReport:
     """:func:`apply_speed_levers` on ``pipe.dit`` plus the pipeline's levers: batched CFG on the noise
-    prediction, the VAE's channels-last calls."""
+    prediction, the VAE's channels-last calls, the cross-attention keys/values kept per shot."""
     report = apply_speed_levers(pipe.dit, [lv for lv in levers if lv not in PIPELINE_LEVERS], **kw)
     if "cfg_batch" in levers:
         install_cfg_batch(pipe)
         report.applied.append("cfg_batch")
+    if "context_kv_cache" in levers:  # takes effect in blocks with the levers' forward
+        pipe.context_kv_cache = True
+        report.applied.append("context_kv_cache")
     if "vae_channels_last" in levers:
         from .vae_speed import vae_channels_last_supported
 

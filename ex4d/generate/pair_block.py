@@ -178,11 +178,11 @@ def _o_from_e4m3(o, out8: torch.Tensor, scale: torch.Tensor):
     return accel.split_pair(o, y, delta_coded=False, add_bias=True)
 
 
-def _cross_attention(attn, pair: Pair, context, attention, dtype):
+def _cross_attention(attn, pair: Pair, context, attention, dtype, kv=None):
     n = attn.num_heads
     qp, qn = pair.through(attn.q)
     q = accel._heads(torch.stack((attn.norm_q(qp.to(dtype)), attn.norm_q(qn.to(dtype)))), n)
-    out = accel._attend_context(attn, q, context, attention)
+    out = accel._attend_context(attn, q, context, attention, kv)
     return _pair_of(out[0], out[1], attn.o).through(attn.o)
 
 
@@ -196,7 +196,7 @@ def _ffn(ffn, pair: Pair):
     return Pair(act(ap), act(an)).through(second)
 
 
-def block_forward(block, x, context, t_mod, cos, sin, attention, self_attention=None):
+def block_forward(block, x, context, t_mod, cos, sin, attention, self_attention=None, kv=None):
     """:func:`accel.block_forward` for a CFG pair x = (posi, nega) (see :func:`applies`)."""
     dtype = x.dtype
     has_seq = t_mod.dim() == 4
@@ -214,7 +214,7 @@ def block_forward(block, x, context, t_mod, cos, sin, attention, self_attention=
     pair = _layer_norm_pair(block.norm1, *xs, shift_msa, scale_msa, readers=(sa.q, sa.k, sa.v))
     residual(gate_msa, _self_attention(sa, pair, cos, sin, self_attention or attention, dtype))
     residual(None, _cross_attention(ca, _layer_norm_pair(block.norm3, *xs, readers=(ca.q,)), context, attention,
-                                    dtype))
+                                    dtype, kv))
     pair = _layer_norm_pair(block.norm2, *xs, shift_mlp, scale_mlp, readers=(block.ffn[0],))
     residual(gate_mlp, _ffn(block.ffn, pair))
     return torch.stack(xs)

@@ -74,7 +74,7 @@ def embed_dit_inputs(dit, latents: torch.Tensor, timestep: torch.Tensor, context
 
 def ex4d_model_fn(dit, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                   clip_feature: torch.Tensor, y: torch.Tensor, video_tokens: torch.Tensor | None = None,
-                  step_cache=None, cache_key: str = "posi", **_unused) -> torch.Tensor:
+                  step_cache=None, cache_key: str = "posi", context_kv=None, **_unused) -> torch.Tensor:
     """Wan I2V DiT forward with the EX-4D condition tokens added after patch embedding.
 
     Batched CFG: pass ``context`` with batch 2 (posi, nega); latents/y/clip/video_tokens of batch 1 are
@@ -82,6 +82,9 @@ def ex4d_model_fn(dit, latents: torch.Tensor, timestep: torch.Tensor, context: t
 
     ``step_cache`` (a :class:`~ex4d.generate.preview_cache.PreviewCache`, opt-in) may replace the block
     stack by the residual it stored for ``cache_key`` (one state per CFG branch or batched pair).
+
+    ``context_kv`` (an :class:`~ex4d.generate.accel.ContextKV`, the ``context_kv_cache`` lever) gives blocks
+    with the levers' forward their cross-attention keys/values computed at the first step.
     """
     x, t, t_mod, context, freqs, (f, h, w) = embed_dit_inputs(dit, latents, timestep, context, clip_feature, y,
                                                               video_tokens)
@@ -90,8 +93,12 @@ def ex4d_model_fn(dit, latents: torch.Tensor, timestep: torch.Tensor, context: t
         x = step_cache.reuse(cache_key, x)
     else:
         x_in = x
+        scope = context_kv.scope(cache_key) if context_kv is not None else None
         for block in dit.blocks:
-            x = block(x, context, t_mod, freqs)
+            if scope is not None and "forward" in block.__dict__:  # the levers' forward (accel.patch_block_forwards)
+                x = block(x, context, t_mod, freqs, context_kv=scope)
+            else:
+                x = block(x, context, t_mod, freqs)
         if step_cache is not None:
             step_cache.store(cache_key, x_in, x)
     x = dit.head(x, t)
@@ -108,6 +115,7 @@ class Conditioning:
     y: torch.Tensor  # (1, 4 + 16, f, h, w): first-frame mask + VAE latents of frame 0 and zeros
     video_tokens: torch.Tensor | None  # (1, f*h/2*w/2, dim) from the video condition encoder
     cfg: float = 5.0
+    context_kv: object = None  # an accel.ContextKV when the context_kv_cache lever is on
 
 
 def _pipeline_base():
@@ -126,6 +134,7 @@ class Ex4dPipeline(_pipeline_base()):
         self.model_fn = ex4d_model_fn  # swap point for speed work (compiled / attention variants)
         self.batch_cfg = False  # True: one DiT call with batch 2 (posi, nega) instead of two calls
         self.vae_channels_last = False  # True: the speed lever of .vae_speed (set by install_vae_channels_last)
+        self.context_kv_cache = False  # True: each Conditioning keeps the cross-attention keys/values (accel.ContextKV)
         self.in_iteration_models = ("dit", "condition_encoder")
         self.adapter_report = None
         self.speed = "reference"  # set by speed.finish_speed
@@ -217,7 +226,12 @@ class Ex4dPipeline(_pipeline_base()):
         negative = self.encode_prompt(negative_prompt) if cfg != 1.0 else None
         clip_feature, y = self.encode_image_condition(frame0, color.shape[1])
         tokens = self.encode_video_condition(color, mask)
-        return Conditioning(context, negative, clip_feature, y, tokens, float(cfg))
+        context_kv = None
+        if self.context_kv_cache:
+            from .accel import ContextKV
+
+            context_kv = ContextKV()
+        return Conditioning(context, negative, clip_feature, y, tokens, float(cfg), context_kv)
 
     # -- denoising ----------------------------------------------------------------------------------
 
@@ -231,7 +245,8 @@ class Ex4dPipeline(_pipeline_base()):
         """The CFG-combined noise prediction for one step (float32)."""
         kwargs = dict(dit=self.dit, latents=latents.to(self.torch_dtype),
                       timestep=timestep.to(dtype=torch.float32, device=self.device),
-                      clip_feature=cond.clip_feature, y=cond.y, video_tokens=cond.video_tokens)
+                      clip_feature=cond.clip_feature, y=cond.y, video_tokens=cond.video_tokens,
+                      context_kv=cond.context_kv)
         if self.step_cache is not None:
             kwargs["step_cache"] = self.step_cache
         if cond.negative_context is None or cond.cfg == 1.0:

@@ -13,8 +13,10 @@ resident   cuDNN attention, fused (real fp32) RoPE, FP8 matmuls in every token-w
            activation scale, the CFG pair coded as nega + delta, see accel.Fp8Linear) with fast FP8
            accumulation where the sums are short (k <= 8192: q/k/v/o, cross q/o), regional
            torch.compile, both CFG branches in one batch-2 forward, the VAE on channels-last 3-D
-           convolutions (vae_speed). LoRA merged into the weights.
-stream     the same levers; FP8 weights also make each streamed block smaller, so more blocks stay
+           convolutions (vae_speed), the cross-attention keys/values of the text and image tokens computed
+           once per shot (accel.ContextKV, ~1.3 GB). LoRA merged into the weights.
+stream     the same levers, except that the keys/values are recomputed each step (their memory goes to
+           resident blocks); FP8 weights also make each streamed block smaller, so more blocks stay
            resident.
 fp8        the same FP8 matmuls; in addition the cross-attention k/v/k_img/v_img (text / image tokens)
            keep scaled FP8 weights, dequantised to bf16 (weight-only), so every DiT weight is stored in
@@ -41,7 +43,8 @@ from dataclasses import dataclass, field
 from ..errors import InputError
 from .settings import SPEEDS
 
-FAST_LEVERS = ("cudnn_attention", "fused_rope", "fp8", "fast_accum", "compile", "cfg_batch", "vae_channels_last")
+FAST_LEVERS = ("cudnn_attention", "fused_rope", "fp8", "fast_accum", "compile", "cfg_batch", "vae_channels_last",
+               "context_kv_cache")
 
 # Linears of a block that the "fp8" memory mode + fast keeps as scaled FP8 weights with bf16 matmuls.
 FP8_WEIGHT_ONLY = ("cross_attn.k", "cross_attn.v", "cross_attn.k_img", "cross_attn.v_img")
@@ -113,6 +116,8 @@ def plan_speed(speed: str, memory_mode: str, device) -> SpeedPlan:
         ok, why = vae_channels_last_supported(device, memory_mode)
         if not ok:
             skipped["vae_channels_last"] = why
+        if memory_mode in ("stream", "offload"):
+            skipped["context_kv_cache"] = f"memory mode {memory_mode} keeps the ~1.3 GB for the model"
         ok, why = accel.cudnn_attention_supported(device)
         if not ok:
             skipped["cudnn_attention"] = why
@@ -150,5 +155,6 @@ def finish_speed(pipe, plan: SpeedPlan, notice=warnings.warn) -> None:
         accel.set_fast_accum(pipe.dit)
     if "vae_channels_last" in levers:
         accel.install_vae_channels_last(pipe)
+    pipe.context_kv_cache = "context_kv_cache" in levers
     pipe.speed = plan.speed
     pipe.speed_report = plan.as_dict()
