@@ -22,13 +22,9 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.depth_gpu import build, clip  # noqa: E402
+from bench.vae_gpu import sync  # noqa: E402
 
 STAGES = ("_encode_clip", "_encode_vae", "_denoise", "_decode")
-
-
-def sync(torch):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def instrument(model, torch, times: dict):
@@ -36,10 +32,10 @@ def instrument(model, torch, times: dict):
         inner = getattr(type(model), name)
 
         def timed(*a, _inner=inner, _name=name, **k):
-            sync(torch)
+            sync()
             t = time.perf_counter()
             out = _inner(model, *a, **k)
-            sync(torch)
+            sync()
             times[_name] = times.get(_name, 0.0) + time.perf_counter() - t
             return out
 
@@ -80,10 +76,10 @@ def main():
             for _ in range(args.repeat):
                 stages: dict = {}
                 instrument(model, torch, stages)
-                sync(torch)
+                sync()
                 t = time.perf_counter()
                 depth = model.predict(frames).depth
-                sync(torch)
+                sync()
                 total = time.perf_counter() - t
                 for s in STAGES:
                     model.__dict__.pop(s, None)

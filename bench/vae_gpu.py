@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 import traceback
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from ex4d.generate.architectures import ARCHITECTURES, build_random_components  # noqa: E402
+from bench.geometry_gpu import timed  # noqa: E402
+from ex4d.generate.architectures import ARCHITECTURES  # noqa: E402
 
 
 def sync():
@@ -34,15 +33,8 @@ def sync():
 
 
 def seconds(fn, reps=3):
-    fn()
-    sync()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+    """Median wall seconds of ``fn`` (after one warm-up call), the GPU synchronised around each."""
+    return timed(fn, reps, sync) / 1000
 
 
 def main():
