@@ -433,7 +433,9 @@ def _cross_attention(attn, x, context, attention, kv=None):
 class ContextKV:
     """The lever ``context_kv_cache``: every block's cross-attention keys/values of one shot's context,
     computed at the first denoising step and reused by the others (the text and image tokens do not change
-    between steps; the release recomputes them 25 times). Exact: the same tensors the block would compute.
+    between steps; the release recomputes them 25 times). The same maths as the block's own; with a compiled
+    block the keys' RMSNorm runs eagerly here instead of inside the compiled graph (bf16 rounding of the
+    same values; CPU tests: bit-identical outputs).
 
     One instance belongs to one :class:`~ex4d.generate.pipeline.Conditioning` (one clip or window), so it
     never outlives its context; ``scope`` separates the arrangements of the CFG branches (the batched
