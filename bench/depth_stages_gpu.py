@@ -3,7 +3,8 @@
 Full-size random weights (the published configs, fp16, release settings: 5 steps, one 110-frame window).
 Times each stage of one ``predict`` (CLIP embeddings, VAE encode, the denoising loop, VAE decode; CUDA
 synchronised around each) for: the default settings; cuDNN's autotuner on; autotuner + channels-last
-convolution weights (UNet and VAE). Reports seconds per stage (best of ``--repeat``) and the largest
+convolution weights (UNet and VAE); ``settings.compile`` (the UNet and the temporal decoder through
+torch.compile). Reports seconds per stage (best of ``--repeat``) and the largest
 disparity difference against the default run.
 
     python bench/depth_stages_gpu.py --out $OUT/depth_stages.json
@@ -12,6 +13,7 @@ disparity difference against the default run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -50,6 +52,7 @@ def main():
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="tiny configs on CPU (logic check)")
+    p.add_argument("--variants", default="default,cudnn_benchmark,cudnn_benchmark+channels_last,compiled")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "depth_stages.json"))
     args = p.parse_args()
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -65,13 +68,19 @@ def main():
                 if isinstance(m, torch.nn.Conv2d):
                     m.weight.data = m.weight.data.contiguous(memory_format=memory_format)
 
-    variants = (("default", False, False), ("cudnn_benchmark", True, False),
-                ("cudnn_benchmark+channels_last", True, True))
-    for name, benchmark, channels_last in variants:
+    variants = (("default", False, False, False), ("cudnn_benchmark", True, False, False),
+                ("cudnn_benchmark+channels_last", True, True, False), ("compiled", False, False, True))
+    for name, benchmark, channels_last, compiled in variants:
+        if name not in args.variants.split(","):
+            continue
         torch.backends.cudnn.benchmark = benchmark
         conv_weights(torch.channels_last if channels_last else torch.contiguous_format)
+        # settings.compile: the UNet and the decoder through torch.compile
+        model.settings = dataclasses.replace(model.settings, compile=compiled)
         try:
-            model.predict(frames)  # warm-up: kernels, autotuning
+            t = time.perf_counter()
+            model.predict(frames)  # warm-up: kernels, autotuning, compilation
+            warmup_s = time.perf_counter() - t
             best, best_stages, depth = None, None, None
             for _ in range(args.repeat):
                 stages: dict = {}
@@ -85,7 +94,8 @@ def main():
                     model.__dict__.pop(s, None)
                 if best is None or total < best:
                     best, best_stages = total, stages
-            row = {"seconds": round(best, 3), "stages": {k.strip("_"): round(v, 3) for k, v in best_stages.items()}}
+            row = {"seconds": round(best, 3), "stages": {k.strip("_"): round(v, 3) for k, v in best_stages.items()},
+                   "warmup_s": round(warmup_s, 1)}
             if reference is None:
                 reference = depth
             row["max_rel_diff_vs_default"] = float(np.abs(depth - reference).max() / max(np.abs(reference).max(), 1e-12))

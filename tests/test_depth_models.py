@@ -165,6 +165,34 @@ def test_depthcrafter_release_defaults_and_guidance(dc_dir):
     np.testing.assert_array_equal(guided.depth, offloaded.depth)
 
 
+def test_depthcrafter_compiled_gives_the_eager_depth_and_falls_back(dc_dir, monkeypatch):
+    """settings.compile runs the UNet and the decoder through torch.compile (aot_eager here: no C++ compiler
+    needed) with the eager result; a compiler that cannot build falls back to eager with one warning."""
+    import torch
+
+    from ex4d.depth.models import depthcrafter
+
+    eager = load_depth_model("depthcrafter", dc_dir, device="cpu", num_inference_steps=2).predict(frames(3))
+    monkeypatch.setattr(depthcrafter, "COMPILE_BACKEND", "aot_eager")
+    compiled = load_depth_model("depthcrafter", dc_dir, device="cpu", num_inference_steps=2, compile=True)
+    try:
+        np.testing.assert_allclose(compiled.predict(frames(3)).depth, eager.depth, rtol=1e-4, atol=1e-5)
+        assert all(c.worked and not c.eager for c in compiled._compiled.values()) and len(compiled._compiled) == 2
+
+        def broken(graph, example_inputs):
+            raise RuntimeError("no compiler here")
+
+        monkeypatch.setattr(depthcrafter, "COMPILE_BACKEND", broken)
+        fresh = load_depth_model("depthcrafter", dc_dir, device="cpu", num_inference_steps=2, compile=True)
+        with pytest.warns(UserWarning, match="depthcrafter: compiling .* failed here .*running eagerly") as seen:
+            fallback = fresh.predict(frames(3))
+            fresh.predict(frames(3))
+        assert len([w for w in seen if "compiling unet" in str(w.message)]) == 1
+        np.testing.assert_allclose(fallback.depth, eager.depth, rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_video_depth_anything_predicts_at_input_size(vda_dir):
     model = load_depth_model("video-depth-anything-small", vda_dir, device="cpu", input_size=56)
     assert model.network.config.embed_dim == 64 and model.network.config.num_frames == 32

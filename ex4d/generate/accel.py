@@ -526,26 +526,14 @@ def patch_block_forwards(dit, attention=sdpa_default, compile_blocks: bool = Fal
     if compile_blocks:
         import torch._dynamo
 
+        from ..compiled import CompiledOrEager
+
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        core = torch.compile(block_forward, dynamic=False, mode=compile_mode, backend=compile_backend)
-    state = {"eager": not compile_blocks, "worked": False}
+        core = CompiledOrEager(block_forward, what="speed lever compile", fallback="running the blocks eagerly",
+                               notice=notice, dynamic=False, mode=compile_mode, backend=compile_backend)
 
     def run(block, x, context, t_mod, cos, sin, kv):
-        if state["eager"]:
-            return block_forward(block, x, context, t_mod, cos, sin, attention, self_attention, pair, kv)
-        try:
-            out = core(block, x, context, t_mod, cos, sin, attention, self_attention, pair, kv)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:  # noqa: BLE001 - only before the first success: the compiler, not the maths
-            if state["worked"]:
-                raise
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-            notice(f"speed lever compile failed here ({type(e).__name__}: {first}); running the blocks eagerly")
-            state["eager"] = True
-            return block_forward(block, x, context, t_mod, cos, sin, attention, self_attention, pair, kv)
-        state["worked"] = True
-        return out
+        return core(block, x, context, t_mod, cos, sin, attention, self_attention, pair, kv)
 
     def make(block):
         def forward(self, x, context, t_mod, freqs, context_kv=None):

@@ -49,6 +49,7 @@ from .base import (DepthModel, DisparityToDepth, check_cancel, load_checked_stat
                    weights_folder, wrap_loading_errors)
 
 NAME = "depthcrafter"
+COMPILE_BACKEND = "inductor"  # settings.compile's torch.compile backend (tests: aot_eager, no C++ compiler needed)
 DEPTHCRAFTER_REPO = "tencent/DepthCrafter"
 SVD_REPO = "stabilityai/stable-video-diffusion-img2vid-xt"
 # Folders tried under the weights folder (first holding the marker file wins); "." = the folder itself.
@@ -75,6 +76,9 @@ class DepthCrafterSettings:
     encode_chunk_size: int = 8
     # Keep components on the CPU and move each to the GPU only while it runs (lower VRAM, slower).
     offload: bool = False
+    # torch.compile the UNet forward and the temporal decoder (same maths, fused elementwise work; one-time
+    # compilation per clip shape). Off until measured on a GPU: bench/depth_stages_gpu.py has the variant.
+    compile: bool = False
 
     def __post_init__(self):
         if self.num_inference_steps < 1:
@@ -369,10 +373,11 @@ class DepthCrafter(DepthModel):
                         latents[:, :overlap] = (stitched[:, -overlap:]
                                                 + latents[:, :overlap] / sched.init_noise_sigma * sched.sigmas[0])
                     x = sched.scale_model_input(latents, t)
-                    pred = self._unet(torch.cat([x, cond], dim=2), t, emb, added_time_ids)
+                    unet = self._maybe_compiled("_unet")
+                    pred = unet(torch.cat([x, cond], dim=2), t, emb, added_time_ids)
                     if guided:
-                        uncond = self._unet(torch.cat([x, torch.zeros_like(cond)], dim=2), t,
-                                            torch.zeros_like(emb), added_time_ids)
+                        uncond = unet(torch.cat([x, torch.zeros_like(cond)], dim=2), t,
+                                      torch.zeros_like(emb), added_time_ids)
                         pred = uncond + s.guidance_scale * (pred - uncond)
                     latents = sched.step(pred, t, latents, generator=generator).prev_sample
                     done += 1
@@ -419,12 +424,29 @@ class DepthCrafter(DepthModel):
         import torch
 
         latents = latents / self.vae.config.scaling_factor
+        decode = self._maybe_compiled("_decode_chunk")
         out = []
         for i in range(0, latents.shape[0], self.settings.decode_chunk_size):
             chunk = latents[i:i + self.settings.decode_chunk_size].to(self.vae.dtype)
-            image = self.vae.decode(chunk, num_frames=chunk.shape[0]).sample.float()
+            image = decode(chunk).float()
             out.append((image / 2 + 0.5).clamp(0, 1).mean(dim=1))
         return torch.cat(out, dim=0)
+
+    def _decode_chunk(self, chunk):
+        return self.vae.decode(chunk, num_frames=chunk.shape[0]).sample
+
+    def _maybe_compiled(self, name: str):
+        """The bound method ``name``, through torch.compile when ``settings.compile`` (built once; eager
+        from the first compiler failure on, with one warning)."""
+        if not self.settings.compile:
+            return getattr(self, name)
+        compiled = self.__dict__.setdefault("_compiled", {})
+        if name not in compiled:
+            from ...compiled import CompiledOrEager
+
+            compiled[name] = CompiledOrEager(getattr(self, name), what=f"depthcrafter: compiling {name.strip('_')}",
+                                             dynamic=False, backend=COMPILE_BACKEND)
+        return compiled[name]
 
     @contextlib.contextmanager
     def _on_device(self, module):
