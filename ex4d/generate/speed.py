@@ -18,7 +18,7 @@ resident   cuDNN attention, fused (real fp32) RoPE, FP8 matmuls in every token-w
 stream     the same levers, except that the keys/values are recomputed each step (their memory goes to
            resident blocks); FP8 weights also make each streamed block smaller, so more blocks stay
            resident.
-fp8        the same FP8 matmuls; in addition the cross-attention k/v/k_img/v_img (text / image tokens)
+fp8        the same FP8 matmuls (the keys/values recomputed each step, as in stream); in addition the cross-attention k/v/k_img/v_img (text / image tokens)
            keep scaled FP8 weights, dequantised to bf16 (weight-only), so every DiT weight is stored in
            FP8. ``reference`` keeps diffsynth's weight-only storage.
 fastest    ``fast`` plus the video tokens' self-attention in FP8 through cuDNN's fused FP8 kernel
@@ -116,7 +116,7 @@ def plan_speed(speed: str, memory_mode: str, device) -> SpeedPlan:
         ok, why = vae_channels_last_supported(device, memory_mode)
         if not ok:
             skipped["vae_channels_last"] = why
-        if memory_mode in ("stream", "offload"):
+        if memory_mode != "resident":  # the memory modes for smaller cards keep the memory for the model
             skipped["context_kv_cache"] = f"memory mode {memory_mode} keeps the ~1.3 GB for the model"
         ok, why = accel.cudnn_attention_supported(device)
         if not ok:
