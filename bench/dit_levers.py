@@ -292,14 +292,20 @@ def main():
     reference_cond: list[torch.Tensor] = []
     phases = args.phases.split(",") if args.phases != "all" else None
 
-    def phase(name, batched, ctx=None):
+    def skipped(name):
+        """True when ``name`` is not asked for, or the time budget is spent (recorded in the report)."""
         if phases and name not in phases:
-            return
+            return True
         if time.time() - B.t0 > args.budget_s:
             B.report["phases"][name] = {"skipped": "time budget"}
             B.save()
-            return
+            return True
         print(f"--- {name}", flush=True)
+        return False
+
+    def phase(name, batched, ctx=None):
+        if skipped(name):
+            return
         try:
             entry = {}
             outs, conds = [], []
@@ -405,16 +411,11 @@ def main():
 
     # 4. memory: bf16 weights streamed block-wise under a 24 GB cap.
     def capped(name, cap_gib, resident_fn):
-        if phases and name not in phases:
-            return
-        if not B.cuda:
+        if not B.cuda and not (phases and name not in phases):
             B.report["phases"][name] = {"skipped": "memory caps need CUDA"}
             return
-        if time.time() - B.t0 > args.budget_s:
-            B.report["phases"][name] = {"skipped": "time budget"}
-            B.save()
+        if skipped(name):
             return
-        print(f"--- {name}", flush=True)
         off = None
         dev_index = B.device.index if B.device.index is not None else torch.cuda.current_device()
         total = torch.cuda.get_device_properties(dev_index).total_memory
