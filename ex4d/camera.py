@@ -342,7 +342,39 @@ def transforms_to_path(data: dict, name: str = "trajectory", source: str = "tran
             f"{source}: frame 0 is diag(1,-1,-1), i.e. the source camera in OpenCV axes; this file is "
             "probably in the OpenCV/COLMAP convention - set \"ex4d\": {\"convention\": \"opencv\"} in it"
         )
+    c2w = _camera_relative(c2w, meta, data, source)
     return CameraPath(c2w, np.stack(Ks), w, h, name=str(meta.get("name", name)), meta={})
+
+
+WORLDS = ("camera-relative", "absolute")
+
+
+def _camera_relative(c2w: np.ndarray, meta: dict, data: dict, source: str) -> np.ndarray:
+    """Poses in our world (the source camera at frame 0 is identity).
+
+    Files from NeRF tools and Blender exporters hold absolute world poses: frame 0 is wherever that
+    camera stood in its scene. Used as they are, the whole move would start far from the source view
+    (a guide with almost no valid pixels), so such files are re-based onto frame 0: the move keeps its
+    shape and starts at the source camera. ``"ex4d": {"world": ...}`` says which a file holds; files
+    we write say camera-relative, and a file that says nothing is taken as absolute only when its
+    frame 0 is not the identity (with a warning saying so).
+    """
+    world = str(meta.get("world", data.get("world", ""))).lower()
+    if world.startswith("source camera"):  # what path_to_transforms writes
+        world = "camera-relative"
+    if world and world not in WORLDS:
+        raise CameraFileError(f"{source}: unknown world '{world}' (use {' or '.join(WORLDS)})")
+    at_source = np.allclose(c2w[0], np.eye(4), atol=1e-5 * max(1.0, float(np.abs(c2w[0, :3, 3]).max())))
+    if world == "camera-relative" or at_source:
+        return c2w
+    if not world:
+        warnings.warn(
+            f"{source}: frame 0 is not the source camera (identity), so the poses look like absolute world "
+            "poses (a NeRF or Blender export); the move is re-based to start at the source view. Set "
+            "\"ex4d\": {\"world\": \"camera-relative\"} in the file to use the poses as they are",
+            stacklevel=3,
+        )
+    return np.linalg.inv(c2w[0]) @ c2w
 
 
 def write_transforms(path: CameraPath, filename: str | os.PathLike) -> None:
@@ -352,13 +384,20 @@ def write_transforms(path: CameraPath, filename: str | os.PathLike) -> None:
 
 def read_transforms(filename: str | os.PathLike, name: str | None = None) -> CameraPath:
     filename = Path(filename)
-    try:
-        data = json.loads(filename.read_text())
+    try:  # utf-8-sig: Windows tools often start JSON with a byte-order mark
+        data = json.loads(filename.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise CameraFileError(f"camera file not found: {filename}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CameraFileError(f"{filename}: not a readable JSON file ({e})") from None
-    return transforms_to_path(data, name=name or filename.stem.replace("cameras_", ""), source=str(filename))
+    return transforms_to_path(data, name=name or plain_name(filename.stem.replace("cameras_", "")), source=str(filename))
+
+
+def plain_name(text: str) -> str:
+    """``text`` as a shot name (letters, digits, '_', '-', '+', '.'; 64 at most): a file called
+    'my camera v2.json' names its move 'my_camera_v2'."""
+    name = "".join(c if (c.isascii() and c.isalnum()) or c in "_-+." else "_" for c in text).lstrip(".")[:64]
+    return name or "trajectory"
 
 
 def atomic_write_text(filename: str | os.PathLike, text: str) -> None:

@@ -103,6 +103,53 @@ def test_transforms_opencv_flag_is_converted():
     np.testing.assert_allclose(back.c2w, P, atol=1e-12)
 
 
+def test_absolute_world_poses_are_rebased_onto_the_source_camera():
+    """A NeRF / Blender export holds absolute world poses; the move must start at the source view."""
+    P = random_poses(5, seed=7)
+    P[0] = np.eye(4)
+    world = random_poses(1, seed=8)[0]
+    world[:3, 3] *= 10.0  # somewhere in a big scene
+    frames = [{"transform_matrix": (world @ M).tolist()} for M in P]
+    with pytest.warns(UserWarning, match="absolute world poses"):
+        back = C.transforms_to_path({"fl_x": 50, "w": 64, "h": 48, "frames": frames})
+    np.testing.assert_allclose(back.c2w, P, atol=1e-9)
+    # Said in the file: absolute is re-based without a warning; camera-relative is used as it is.
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        stated = C.transforms_to_path({"fl_x": 50, "w": 64, "h": 48, "ex4d": {"world": "absolute"}, "frames": frames})
+        kept = C.transforms_to_path({"fl_x": 50, "w": 64, "h": 48, "ex4d": {"world": "camera-relative"}, "frames": frames})
+    np.testing.assert_allclose(stated.c2w, P, atol=1e-9)
+    np.testing.assert_allclose(kept.c2w, world @ P, atol=1e-12)
+    with pytest.raises(CameraFileError, match="unknown world"):
+        C.transforms_to_path({"fl_x": 50, "w": 64, "h": 48, "ex4d": {"world": "global"}, "frames": frames})
+
+
+def test_our_files_keep_a_move_that_starts_off_the_source_camera(tmp_path):
+    P = random_poses(4, seed=9)  # frame 0 is not the identity: an artist's move may start anywhere
+    path = C.CameraPath(P, C.Intrinsics.from_focal(50, 64, 48).K, 64, 48, name="offset")
+    C.write_transforms(path, tmp_path / "cameras_offset.json")
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        back = C.read_transforms(tmp_path / "cameras_offset.json")
+    assert np.array_equal(back.c2w, path.c2w)
+
+
+def test_camera_file_with_bom_and_a_spaced_name(tmp_path):
+    P = random_poses(3, seed=10)
+    P[0] = np.eye(4)
+    data = {"fl_x": 50, "w": 64, "h": 48, "frames": [{"transform_matrix": M.tolist()} for M in P]}
+    f = tmp_path / "my camera v2.json"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())  # a UTF-8 byte-order mark, as Windows tools write
+    back = C.read_transforms(f)
+    assert back.name == "my_camera_v2"
+    np.testing.assert_allclose(back.c2w, P)
+    assert C.plain_name("..//x y") == "__x_y" and C.plain_name("") == "trajectory"
+
+
 def test_transforms_camera_angle_x():
     data = {"camera_angle_x": math.radians(90), "w": 64, "h": 48, "frames": [{"transform_matrix": np.eye(4).tolist()}]}
     assert C.transforms_to_path(data).K[0, 0, 0] == pytest.approx(32.0)
