@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import math
 import os
 import re
 import sys
@@ -337,7 +338,7 @@ def mesh_from_arrays(arrays: Mapping[str, np.ndarray], params: dict, size: tuple
     """
     import torch
 
-    from ex4d.dwmesh import DWMesh, DWMeshConfig
+    from ex4d.dwmesh import DWMesh, DWMeshConfig, vertex_scene_scale
 
     H, W = size
     verts = np.asarray(arrays["vertices"], dtype=np.float32)
@@ -383,7 +384,22 @@ def mesh_from_arrays(arrays: Mapping[str, np.ndarray], params: dict, size: tuple
         size=(H, W),
         K=K,
         config=DWMeshConfig(method=params.get("mesh_method", "ours")),
+        scene_scale=_scene_scale_param(params) or vertex_scene_scale(verts, (H, W)),
     )
+
+
+def _scene_scale_param(params: dict) -> float | None:
+    """The ``scene_scale`` a reconstruct result gave the client, when it sends it back (clip planes)."""
+    value = params.get("scene_scale")
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"scene_scale must be a number, got {value!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise InputError(f"scene_scale must be positive and finite, got {value}")
+    return value
 
 
 @handler("reconstruct")
@@ -399,7 +415,8 @@ def run_reconstruct(engine: Engine, params: dict, arrays: dict, progress, cancel
     out = mesh_arrays(mesh)
     out["depth"] = depth
     out["K"] = intr.K
-    return {"K": intr.K.tolist(), "intrinsics_source": source, "width": W, "height": H}, out
+    return {"K": intr.K.tolist(), "intrinsics_source": source, "width": W, "height": H,
+            "scene_scale": float(mesh.scene_scale)}, out
 
 
 def _camera_path(params: dict, arrays: dict, frames: np.ndarray, intr, depth0=None):

@@ -46,6 +46,34 @@ EX4D_TO_BLENDER = np.array(
 )
 
 
+# Lengths that are constants (the clip planes, the DW-mesh's far border and skirt) were chosen, as the
+# release's were, for depth in metres. Depth in finer units (millimetres from a depth camera or a 16-bit
+# PNG read with --depth-scale 1, centimetres, a far outdoor scene) multiplies them all by
+# scene_scale(), which keeps the geometry in proportion to the scene whatever its unit.
+CLIP_NEAR = 1e-3  # the release's clip planes: anything nearer or farther is clipped, hence masked
+CLIP_FAR = 1e3
+SCENE_SCALE_REF = 10.0  # the nearer part of a metre-scale scene (10th percentile of depth) lies within this
+SCENE_SCALE_QUANTILE = 10.0  # a low percentile: sky and background (often 1e4 or 1e10) must not set it
+
+
+def scene_scale(depth) -> float:
+    """1 for a metre-scale scene; the clip's 10th-percentile depth / 10 for depth in finer units.
+
+    ``depth``: z-depth of the clip (any shape; non-finite and non-positive values are ignored). Pass a
+    subsample for long clips: the rule reads one percentile.
+    """
+    d = np.asarray(depth, dtype=np.float64).ravel()
+    d = d[np.isfinite(d) & (d > 0)]
+    if d.size == 0:
+        return 1.0
+    return max(1.0, float(np.percentile(d, SCENE_SCALE_QUANTILE)) / SCENE_SCALE_REF)
+
+
+def clip_planes(scale: float = 1.0) -> tuple[float, float]:
+    """(near, far) clip distances for a scene of ``scene_scale`` ``scale``."""
+    return CLIP_NEAR * scale, CLIP_FAR * scale
+
+
 # --------------------------------------------------------------------------------------------------
 # Intrinsics
 # --------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .camera import CLIP_FAR, scene_scale
 from .errors import DepthError, InputError
 
 METHODS = ("ours", "ex4d", "torn")
@@ -93,6 +94,9 @@ class DWMesh:
     size: tuple[int, int]
     K: np.ndarray
     config: DWMeshConfig = field(default_factory=DWMeshConfig)
+    # camera.scene_scale of the depth it was built from: the far border, the skirt and the renderer's
+    # clip planes are multiplied by it (1 for depth in metres).
+    scene_scale: float = 1.0
 
     @property
     def method(self) -> str:
@@ -376,12 +380,14 @@ def build_dwmesh(depth, K, config: DWMeshConfig | None = None, device=None) -> D
                             torch.arange(W, device=device, dtype=torch.float32) + 0.5, indexing="ij")
     faces = _cached(("grid", H, W, str(device)), lambda: grid_faces(H, W, device))
     bad_pixel = ~good
-    d = torch.where(good, depth, torch.full_like(depth, config.border_depth))
+    scale = depth_scene_scale(depth)
+    border = config.border_depth * scale
+    d = torch.where(good, depth, torch.full_like(depth, border))
 
     if config.method in ("ex4d", "torn"):
         d = d.clone()
-        d[:, 0, :] = d[:, -1, :] = config.border_depth
-        d[:, :, 0] = d[:, :, -1] = config.border_depth
+        d[:, 0, :] = d[:, -1, :] = border
+        d[:, :, 0] = d[:, :, -1] = border
         verts = unproject(d, Kt, xs, ys).reshape(T, H * W, 3)
         corners = torch.tensor([0, W - 1, (H - 1) * W, H * W - 1], device=device)
         faces = torch.cat([faces, torch.stack([corners[[0, 2, 1]], corners[[1, 2, 3]]])], 0)
@@ -394,7 +400,8 @@ def build_dwmesh(depth, K, config: DWMeshConfig | None = None, device=None) -> D
         sx, sy, nearest, lip_faces, closing = _cached(("skirt", H, W, str(device)), lambda: _skirt(H, W, device))
         grid = unproject(d, Kt, xs, ys).reshape(T, H * W, 3)
         lip = unproject(d.reshape(T, -1)[:, nearest], Kt, sx, sy)
-        far = (d.reshape(T, -1).amax(dim=1) * config.skirt_scale).clamp(min=config.border_depth, max=500.0)
+        # Behind the scene, in front of the far clip plane (half of it, so the skirt is never clipped).
+        far = (d.reshape(T, -1).amax(dim=1) * config.skirt_scale).clamp(min=border, max=0.5 * CLIP_FAR * scale)
         skirt = unproject(far[:, None].expand(T, sx.numel()), Kt, sx, sy)
         verts = torch.cat([grid, lip, skirt], dim=1)
         n_grid_faces = faces.shape[0]
@@ -455,7 +462,17 @@ def build_dwmesh(depth, K, config: DWMeshConfig | None = None, device=None) -> D
         size=(H, W),
         K=K_np,
         config=config,
+        scene_scale=scale,
     )
+
+
+def depth_scene_scale(depth) -> float:
+    """camera.scene_scale of a (T,H,W) depth clip (torch or numpy), read on a subsample: about 8
+    frames, every 4th pixel of every 4th row."""
+    sample = depth[:: max(1, depth.shape[0] // 8), ::4, ::4]
+    if isinstance(sample, torch.Tensor):
+        sample = sample.float().cpu().numpy()
+    return scene_scale(sample)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -491,6 +508,7 @@ def save_npz(mesh: DWMesh, path) -> Path:
                 size=np.array(mesh.size, dtype=np.int64),
                 K=mesh.K.astype(np.float64),
                 method=np.array(mesh.config.method),
+                scene_scale=np.array(float(mesh.scene_scale)),
             )
         os.replace(tmp, path)
     finally:
@@ -522,7 +540,19 @@ def load_npz(path) -> DWMesh:
     vpix = torch.from_numpy(z["vertex_pixel"]) if "vertex_pixel" in z.files else torch.arange(V)
     K = z["K"] if "K" in z.files else np.broadcast_to(np.eye(3), (T, 3, 3)).copy()
     method = str(z["method"]) if "method" in z.files else "ours"
-    return DWMesh(verts, faces, uv, face_valid, alpha, vpix, (H, W), K, DWMeshConfig(method=method))
+    scale = float(z["scene_scale"]) if "scene_scale" in z.files else vertex_scene_scale(z["vertices"], (H, W))
+    return DWMesh(verts, faces, uv, face_valid, alpha, vpix, (H, W), K, DWMeshConfig(method=method), scale)
+
+
+def vertex_scene_scale(vertices, size: tuple[int, int]) -> float:
+    """camera.scene_scale from a mesh's vertices (T,V,3) (our axes: depth = -z), for meshes that come
+    without it (older files, a Blender-edited mesh): the same subsample of the grid vertices (the first
+    H*W) as ``depth_scene_scale``; every 16th vertex when the mesh has no such grid."""
+    v = np.asarray(vertices)
+    H, W = size
+    if H * W and H * W <= v.shape[1]:
+        return depth_scene_scale(-v[:, : H * W, 2].reshape(-1, H, W))
+    return scene_scale(-v[:: max(1, v.shape[0] // 8), ::16, 2])
 
 
 def save_ply(mesh: DWMesh, path, frame_rgb=None, t: int = 0) -> Path:

@@ -137,6 +137,22 @@ def test_file_round_trips(tmp_path):
     np.testing.assert_array_equal(obj["faces"], mesh.faces.numpy())
 
 
+def test_scene_scale_travels_with_the_mesh_file(tmp_path):
+    """A millimetre-scale mesh keeps its scale through its npz; an older file without it gets it from
+    its grid vertices."""
+    T, H, W = 2, 12, 16
+    depth = (torch.rand(T, H, W) + 2.0) * 1000.0
+    mesh = build_dwmesh(depth, _K(W, H), DWMeshConfig(method="ours"))
+    assert mesh.scene_scale > 100
+    assert load_npz(save_npz(mesh, tmp_path / "mm.npz")).scene_scale == pytest.approx(mesh.scene_scale)
+    with np.load(tmp_path / "mm.npz") as z:
+        np.savez(tmp_path / "old.npz", **{k: z[k] for k in z.files if k != "scene_scale"})
+    assert load_npz(tmp_path / "old.npz").scene_scale == pytest.approx(mesh.scene_scale, rel=0.05)
+    # The skirt sits behind the scene (it was clamped to 500 units: in front of a millimetre scene).
+    skirt_depth = -mesh.vertices[:, -1, 2]
+    assert (skirt_depth > depth.amax(dim=(1, 2))).all()
+
+
 @pytest.mark.skipif(not usd_available(), reason="usd-core not installed (optional extra 'usd')")
 def test_usd_export(tmp_path):
     from pxr import Usd, UsdGeom

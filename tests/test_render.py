@@ -167,3 +167,45 @@ def test_render_guides_torch_output_matches_numpy():
         assert isinstance(b, np.ndarray) and a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
     assert ref.mask[0].all()  # frame 0 of a preset is the source camera
+
+
+@pytest.mark.parametrize("method", ["ours", "ex4d"])
+@pytest.mark.parametrize("unit", [100.0, 1000.0])  # centimetres, millimetres
+def test_guides_do_not_depend_on_the_depth_unit(method, unit):
+    """The same scene in metres and in millimetres (camera moves scale with the depth) gives the same
+    guides: the far border, the skirt and the clip planes follow camera.scene_scale."""
+    from ex4d.camera import Intrinsics, preset_path, scene_scale
+    from ex4d.dwmesh import DWMeshConfig, build_dwmesh
+    from ex4d.render import render_guides
+    from ex4d.synthetic import make_scene
+
+    scene = make_scene(2, 64, 48, 4)
+    frames, depth = scene.source()
+    intr = Intrinsics.from_K(scene.K, 64, 48)
+    out = []
+    for d in (depth, depth * unit):
+        mesh = build_dwmesh(d, scene.K, DWMeshConfig(method=method))
+        path = preset_path("orbit_right", 4, intr, depth0=d[0], angle_deg=60)
+        out.append((mesh, render_guides(mesh, frames, path, rasterizer="torch")))
+    (metres, ref), (fine, got) = out
+    assert metres.scene_scale == 1.0 and fine.scene_scale == pytest.approx(scene_scale(depth * unit), rel=0.05)  # a subsample
+    assert fine.scene_scale > 1.0
+    assert ref.mask[1:].mean() > 0.3  # a real move, not an empty guide
+    assert (ref.mask != got.mask).mean() < 1e-3
+    same = ref.mask & got.mask
+    assert np.abs(ref.color.astype(int) - got.color.astype(int))[same].mean() < 0.5
+
+
+def test_scene_scale_rule():
+    from ex4d.camera import clip_planes, scene_scale
+
+    rng = np.random.default_rng(0)
+    metres = rng.uniform(1.0, 8.0, size=(4, 32, 32))
+    assert scene_scale(metres) == 1.0 and clip_planes(1.0) == (1e-3, 1e3)
+    assert scene_scale(metres * 1000) == pytest.approx(np.percentile(metres * 1000, 10) / 10)
+    sky = metres.copy()
+    sky[:, :20] = 1e10  # Cycles' background depth over most of the frame must not set the scale
+    assert scene_scale(sky) == 1.0
+    assert scene_scale(np.full((2, 4, 4), np.nan)) == 1.0
+    near, far = clip_planes(150.0)
+    assert (near, far) == pytest.approx((0.15, 1.5e5))

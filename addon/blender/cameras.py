@@ -28,10 +28,21 @@ def camera_K(cam_obj, width: int, height: int) -> np.ndarray:
     return K_from_lens(d.lens, d.sensor_width, d.shift_x, d.shift_y, width, height, d.sensor_fit, d.sensor_height)
 
 
-def new_camera(scene, name: str, rig=None):
+# Blender's near plane: 10x the library's (its viewport depth buffer is coarser), still far nearer
+# than anything a move reaches. Both follow the shot's scene scale (depth in millimetres, say).
+CLIP_START = 0.01
+
+
+def set_clip(cam_data, scale: float = 1.0) -> None:
+    """Clip planes for a shot of ``scene_scale`` ``scale``: the whole DW-mesh, skirt included, stays in view."""
+    cam_data.clip_start = CLIP_START * scale
+    cam_data.clip_end = camera.CLIP_FAR * scale
+
+
+def new_camera(scene, name: str, rig=None, scale: float = 1.0):
     """A camera for a move; parented to the shot's rig so moving the rig moves the whole shot."""
     data = bpy.data.cameras.new(name)
-    data.clip_start = 0.01
+    set_clip(data, scale)
     obj = bpy.data.objects.new(name, data)
     scene.collection.objects.link(obj)
     if rig is not None:
@@ -97,7 +108,8 @@ def import_transforms(scene, props, filepath: str, cam_obj=None):
     if props.has_shot and (path.width, path.height) != (props.width, props.height):
         path = path.resized(props.width, props.height)
     if cam_obj is None:
-        cam_obj = new_camera(scene, path.name if path.name.startswith("EX4D") else f"EX4D {path.name}", props.rig)
+        cam_obj = new_camera(scene, path.name if path.name.startswith("EX4D") else f"EX4D {path.name}", props.rig,
+                             props.scene_scale)
     key_path(cam_obj, path, props.frame_start, rig_world(props))
     return cam_obj, path
 

@@ -251,11 +251,13 @@ class DWMeshBuild(jobs.LocalSteps):
         self._made = []
 
 
-def create_source_camera(scene, shot: str, rig, K, width: int, height: int):
+def create_source_camera(scene, shot: str, rig, K, width: int, height: int, scale: float = 1.0):
     """The camera that filmed the shot: identity pose in the shot's world, matching intrinsics."""
+    from .cameras import set_clip
+
     data = bpy.data.cameras.new(f"EX4D Source {shot}")
     set_lens(data, K, width, height)
-    data.clip_start = 0.01
+    set_clip(data, scale)
     cam = bpy.data.objects.new(f"EX4D Source {shot}", data)
     scene.collection.objects.link(cam)
     cam.parent = rig

@@ -20,7 +20,8 @@ import bpy
 import numpy as np
 
 from . import dwmesh, jobs, video
-from ..core import errors, validity
+from .cameras import CLIP_START
+from ..core import camera, errors, validity
 
 
 # Workbench's "Attribute" colour type: identifier VERTEX in Blender 4.x/5.x ("ATTRIBUTE" in some builds).
@@ -51,7 +52,8 @@ class GuideRender:
 
     stage = "rendering guides"
 
-    def __init__(self, scene, meshes, camera_obj, out_dir: str, frame_start: int, num_frames: int, width: int, height: int):
+    def __init__(self, scene, meshes, camera_obj, out_dir: str, frame_start: int, num_frames: int, width: int, height: int,
+                 scene_scale: float = 1.0):
         if camera_obj is None or camera_obj.type != "CAMERA":
             raise errors.InputError("no camera to render the guides from: make a camera active (or key a move)")
         if not meshes:
@@ -59,6 +61,7 @@ class GuideRender:
         self.scene, self.meshes, self.camera = scene, list(meshes), camera_obj
         self.out_dir, self.frame_start, self.num_frames = out_dir, frame_start, num_frames
         self.width, self.height = width, height
+        self.scene_scale = scene_scale
         self.t = 0
         self._tmp = tempfile.mkdtemp(prefix="ex4d_guides_")
         self._settings = SceneSettings()
@@ -101,6 +104,9 @@ class GuideRender:
             sc.world = bpy.data.worlds.new("EX4D black")
         s.set(sc.world, "color", (0.0, 0.0, 0.0))
         s.set(sc, "camera", self.camera)
+        # The shot's clip planes, whatever the artist's camera says: what the library's renderer would mask.
+        s.set(self.camera.data, "clip_start", CLIP_START * self.scene_scale)
+        s.set(self.camera.data, "clip_end", camera.CLIP_FAR * self.scene_scale)
         keep = set(self.meshes) | {self.camera}
         for obj in sc.objects:
             if obj not in keep and obj.type not in ("EMPTY",):

@@ -60,6 +60,8 @@ class EX4D_SceneProps(bpy.types.PropertyGroup):
                                 description="Depth model on the backend, used when no depth file is given")
     depth_min: FloatProperty(default=0.0)
     depth_median: FloatProperty(default=0.0)
+    scene_scale: FloatProperty(default=1.0, min=1e-6,
+                               description="1 for depth in metres; larger for finer units (clip planes follow it)")
     rig: PointerProperty(name="Rig", type=bpy.types.Object)
     mesh: PointerProperty(name="DW-mesh", type=bpy.types.Object)
     source_camera: PointerProperty(name="Source camera", type=bpy.types.Object)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-NEAR = 1e-3  # the release's clip planes: anything beyond FAR is clipped, hence masked
-FAR = 1e3
+from ..camera import CLIP_FAR as FAR
+from ..camera import CLIP_NEAR as NEAR
 
 
 def projection_matrix(K, width: int, height: int, near: float = NEAR, far: float = FAR) -> np.ndarray:
