@@ -96,6 +96,39 @@ def test_png16_folder_and_glob(tmp_path):
     assert data.depth[1, 0, 0] == pytest.approx(12.5)
 
 
+def test_png_sequence_without_zero_padding_is_in_frame_order(tmp_path):
+    """depth_1 .. depth_12: sorted as text, depth_10 would come second and every later frame would be
+    matched to the wrong video frame."""
+    import cv2
+
+    folder = tmp_path / "seq"
+    folder.mkdir()
+    for i in range(1, 13):
+        assert cv2.imwrite(str(folder / f"depth_{i}.png"), np.full((4, 6), 1000 * i, np.uint16))
+    expected = np.arange(1, 13, dtype=np.float32)
+    for source in (folder, str(folder / "depth_*.png")):
+        data = load_depth(source)
+        np.testing.assert_allclose(data.depth[:, 0, 0], expected)
+
+
+def test_existing_paths_with_glob_characters_are_used_as_they_are(tmp_path):
+    """'shot [v2]' is a folder name, not a character class."""
+    import cv2
+
+    folder = tmp_path / "dep" / "shot [v2]"
+    folder.mkdir(parents=True)
+    np.savez(folder / "depth.npz", depth=np.full((2, 4, 6), 3.0, np.float32))
+    assert load_depth(folder / "depth.npz").depth.shape == (2, 4, 6)
+    pngs = folder / "png [a]"
+    pngs.mkdir()
+    for i in range(3):
+        assert cv2.imwrite(str(pngs / f"d{i}.png"), np.full((4, 6), 1000 + i, np.uint16))
+    assert load_depth(pngs).depth.shape == (3, 4, 6)
+    assert load_depth(str(pngs / "*.png")).depth.shape == (3, 4, 6)  # a real glob inside such a folder
+    with pytest.raises(DepthError, match="no depth files match"):
+        load_depth(str(folder / "*.exr"))
+
+
 @pytest.mark.parametrize("kind,match", [("8bit", "16-bit"), ("rgb", "one channel"), ("sizes", "different sizes"), ("empty", "no .png")])
 def test_bad_png_sequences(tmp_path, kind, match):
     folder = tmp_path / "seq"

@@ -5,7 +5,7 @@ units; the world of a shot is measured in these units (docs/architecture.md).
 
 * ``.npz``: ``depth`` float (T,H,W) (or (H,W) for one frame), optional ``K`` 3x3 in pixels of the
   depth maps' size. ``.npy``: the depth array alone.
-* 16-bit PNG sequence: a folder of ``*.png`` (sorted by name) or a glob such as ``depth/*.png``.
+* 16-bit PNG sequence: a folder of ``*.png`` (in natural order: depth_2 before depth_10) or a glob such as ``depth/*.png``.
   depth = PNG value x ``scale`` (default 1/1000: millimetres -> metres, as most depth cameras and
   datasets store them). 0 is "no depth" in those files and is refused like any other invalid value.
 * OpenEXR (optional ``openexr`` package): one file or a sequence (folder / glob of ``*.exr``), single-
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import glob as globlib
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,16 +60,20 @@ def load_depth(path: str | os.PathLike, scale: float | None = None) -> DepthData
     if scale is not None and not (np.isfinite(scale) and scale > 0):
         raise InputError(f"--depth-scale must be a positive number, got {scale}")
     text = str(path)
-    if any(c in text for c in "*?["):
-        files = sorted(Path(p) for p in globlib.glob(text))
+    p = Path(path)
+    # An existing file or folder is itself even when its name has glob characters ('shot [v2]').
+    if not p.exists() and any(c in text for c in "*?["):
+        files = sorted(_glob_files(text), key=natural_sort_key)
         if not files:
             raise DepthError(f"no depth files match {text}")
         return _load_sequence(files, text, scale)
-    p = Path(path)
     if not p.exists():
         raise DepthError(f"depth file not found: {p}")
     if p.is_dir():
-        files = sorted(q for q in p.iterdir() if q.suffix.lower() in (".png", ".exr") and not q.name.startswith("."))
+        files = sorted(
+            (q for q in p.iterdir() if q.suffix.lower() in (".png", ".exr") and not q.name.startswith(".")),
+            key=natural_sort_key,
+        )
         if not files:
             raise DepthError(f"{p}: the folder has no .png or .exr depth images")
         return _load_sequence(files, str(p), scale)
@@ -80,6 +85,24 @@ def load_depth(path: str | os.PathLike, scale: float | None = None) -> DepthData
     if suffix in (".png", ".exr"):
         return _load_sequence([p], str(p), scale)
     raise DepthError(f"{p}: unknown depth format '{p.suffix}' (use .npz, .npy, a 16-bit PNG sequence or OpenEXR)")
+
+
+def natural_sort_key(path: str | os.PathLike) -> tuple:
+    """Sort key that compares digit runs as numbers: depth_2.png before depth_10.png, as frame
+    sequences without zero padding need. The plain text breaks ties (depth_01 vs depth_1)."""
+    text = str(path)
+    parts = re.split(r"(\d+)", text)
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(parts)), text
+
+
+def _glob_files(pattern: str) -> list[Path]:
+    """Files matching ``pattern``. If nothing matches and the pattern's folder exists as written
+    ('shot [v2]/*.png'), its brackets are names, not character classes: match in that folder."""
+    files = [Path(f) for f in globlib.glob(pattern)]
+    folder, name = os.path.split(pattern)
+    if not files and folder and os.path.isdir(folder):
+        files = [Path(f) for f in globlib.glob(os.path.join(globlib.escape(folder), name))]
+    return [f for f in files if f.is_file()]
 
 
 def _np_load(p: Path):
