@@ -41,6 +41,7 @@ class VideoInfo:
 class Video:
     frames: np.ndarray  # (T, H, W, 3) uint8 RGB
     fps: float
+    source_size: tuple[int, int] = (0, 0)  # (width, height) as displayed, before read_video's ``size``
 
     @property
     def num_frames(self) -> int:
@@ -134,39 +135,119 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         return VideoInfo(count, _stream_fps(stream), w, h, str(cc.name), 90 * turns)
 
 
-def read_video(path: str | os.PathLike, max_frames: int | None = None, start: int = 0) -> Video:
+def read_video(
+    path: str | os.PathLike,
+    max_frames: int | None = None,
+    start: int = 0,
+    *,
+    size: tuple[int, int] | None = None,
+    fit: str = "resize",
+) -> Video:
     """Decode frames ``start .. start+max_frames`` (all by default) as RGB uint8, upright (the file's
-    display rotation applied, as players do)."""
+    display rotation applied, as players do).
+
+    ``size`` = (width, height) brings each frame to that size through :func:`fit_box` (``fit`` mode) as
+    soon as it is decoded: the same pixels as :func:`fit_frames` on the whole clip, but only one
+    full-size frame is in memory at a time (a long 4K clip would not fit otherwise).
+
+    A clip that decodes to fewer frames than its container lists is a broken copy: :class:`VideoError`
+    "decoded N of M frames" rather than a shorter clip that fails later against its depth. Where that
+    count is exact one missing frame is only a warning (edit lists can hide one); where the container
+    gives only a duration, a few frames are. With ``max_frames`` only those frames must decode.
+    """
     import av
 
     if start < 0:
         raise InputError(f"start frame must be >= 0, got {start}")
     if max_frames is not None and max_frames < 1:
         raise InputError(f"number of frames must be >= 1, got {max_frames}")
-    frames: list[np.ndarray] = []
     with _open_video(path) as (container, stream):
         fps = _stream_fps(stream)
-        stream.thread_type = "AUTO"
+        listed, slack = _listed_frames(container, stream, fps)
+        expected = max(0, listed - start) if max_frames is None else min(max_frames, max(0, listed - start))
+        if max_frames is not None and expected == max_frames:
+            slack = 0  # the user asked for exactly these frames
+        stream.thread_type = "AUTO"  # threaded decoding ends quietly at a cut, hence the count check below
+        frames = _FrameStack(expected or max_frames or 64)
+        source_shape = None
+        box = None
         index = 0
         try:
             for frame in container.decode(stream):
                 if index >= start:
                     picture = frame.to_ndarray(format="rgb24")
                     turns = _quarter_turns(frame)
-                    frames.append(np.ascontiguousarray(np.rot90(picture, turns)) if turns else picture)
+                    if turns:
+                        picture = np.ascontiguousarray(np.rot90(picture, turns))
+                    if source_shape is None:
+                        source_shape = picture.shape
+                        if size is not None:
+                            box = fit_box(picture.shape[1], picture.shape[0], size[0], size[1], fit)
+                    elif picture.shape != source_shape:
+                        raise VideoError(
+                            f"{path}: the picture size changes inside the video ({sorted([source_shape, picture.shape])[:2]})"
+                        )
+                    frames.append(picture if box is None else apply_fit(picture[None], box)[0])
                     if max_frames is not None and len(frames) >= max_frames:
                         break
                 index += 1
         except av.FFmpegError as e:
             raise VideoError(f"{path}: the video is corrupt at frame {index} ({_short(e)})") from None
-    if not frames:
+    if not len(frames):
         if index == 0:
             raise VideoError(f"{path}: the video contains no decodable frames")
         raise VideoError(f"{path}: start frame {start} is past the end of the video ({index} frames)")
-    shapes = {f.shape for f in frames}
-    if len(shapes) > 1:
-        raise VideoError(f"{path}: the picture size changes inside the video ({sorted(shapes)[:2]})")
-    return Video(np.stack(frames), fps)
+    missing = expected - len(frames)
+    if missing > slack:
+        raise VideoError(
+            f"{path}: decoded {len(frames)} of {expected} frames - the file is cut short or corrupt (copy or export it again)"
+        )
+    if missing > 0:
+        warnings.warn(f"{path}: decoded {len(frames)} of the {expected} frames the file lists; using {len(frames)}", stacklevel=2)
+    height, width = source_shape[:2]
+    return Video(frames.array(), fps, (width, height))
+
+
+def _listed_frames(container, stream, fps: float) -> tuple[int, int]:
+    """(frames the file says it has, how many fewer may decode without the file being broken).
+
+    mp4/mov list every frame in their index; an edit list can hide one. Others (mkv, ts) may give only a
+    duration, an estimate: allow a few frames. (0, 0) when the file says nothing."""
+    if stream.frames and stream.frames > 0:
+        return int(stream.frames), 1
+    seconds = 0.0
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration:
+        seconds = container.duration / 1e6  # microseconds (AV_TIME_BASE)
+    estimate = int(round(seconds * fps)) if math.isfinite(seconds) and seconds > 0 else 0
+    return estimate, max(2, math.ceil(0.05 * estimate))
+
+
+class _FrameStack:
+    """Frames gathered into one array that grows when needed; ``np.stack`` of a list would need the
+    clip's memory twice at the end."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(1, int(capacity))
+        self.data: np.ndarray | None = None
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def append(self, image: np.ndarray) -> None:
+        if self.data is None:
+            self.data = np.empty((self.capacity, *image.shape), image.dtype)
+        elif self.count == len(self.data):
+            grown = np.empty((2 * len(self.data), *image.shape), image.dtype)
+            grown[: self.count] = self.data
+            self.data = grown
+        self.data[self.count] = image
+        self.count += 1
+
+    def array(self) -> np.ndarray:
+        return self.data[: self.count]
 
 
 # --------------------------------------------------------------------------------------------------

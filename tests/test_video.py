@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import cut_clip, make_tiny_scene, write_clip
 from ex4d.camera import Intrinsics
 from ex4d.errors import InputError, VideoError
 from ex4d.video import (
@@ -117,6 +118,60 @@ def test_bad_videos_are_one_line_errors(tmp_path, tiny_clip, kind):
         with pytest.raises(VideoError) as e:
             fn(path)
         assert "\n" not in str(e.value) and str(e.value)
+
+
+def test_cut_short_video_is_an_error_naming_the_video(tmp_path):
+    """The index lists 24 frames but the data ends early: threaded decoding stops quietly after a few.
+    That is a broken copy, not a shorter clip (which would then be blamed on the depth)."""
+    cut = cut_clip(tmp_path)
+    assert probe_video(cut).num_frames == 24
+    with pytest.raises(VideoError, match=r"decoded \d+ of 24 frames - the file is cut short or corrupt") as e:
+        read_video(cut)
+    assert "\n" not in str(e.value) and str(cut) in str(e.value)
+    with pytest.raises(VideoError, match=r"decoded \d+ of 20 frames"):
+        read_video(cut, max_frames=20)
+    # asking for only the first frames, which are intact, is fine
+    assert read_video(cut, max_frames=1).num_frames == 1
+
+
+def test_complete_videos_pass_the_frame_count_check(tmp_path):
+    frames, _, _ = make_tiny_scene(5)
+    clip = write_clip(tmp_path / "fast.mp4", frames, container_options={"movflags": "faststart"})
+    assert read_video(clip).num_frames == 5
+    assert read_video(clip, start=2).num_frames == 3
+
+
+@pytest.mark.parametrize("mode,size", [("resize", (40, 24)), ("crop", (32, 32)), ("crop", (60, 20)), ("resize", (160, 96))])
+def test_fitting_while_decoding_equals_fitting_afterwards(tmp_path, mode, size):
+    """read_video(size=...) fits each frame as it is decoded (bounded memory); the pixels are the ones
+    fit_frames gives on the whole decoded clip (the old path), interpolation included."""
+    frames, _, _ = make_tiny_scene(4, 80, 48)
+    clip = write_video(tmp_path / "v.mp4", frames, 10)
+    whole = read_video(clip)
+    fitted = read_video(clip, size=size, fit=mode)
+    np.testing.assert_array_equal(fitted.frames, fit_frames(whole.frames, *size, mode))
+    assert fitted.source_size == whole.source_size == (80, 48)
+    part = read_video(clip, max_frames=2, start=1, size=size, fit=mode)
+    np.testing.assert_array_equal(part.frames, fit_frames(whole.frames[1:3], *size, mode))
+
+
+def test_fitting_while_decoding_holds_one_full_frame_at_a_time(tmp_path):
+    """30 frames of 640x480 read at 64x48: numpy memory stays far below the 27 MB of the full clip."""
+    import tracemalloc
+
+    yy, xx = np.mgrid[0:480, 0:640]
+    frames = np.stack([np.stack([(xx + 7 * t) % 256, yy % 256, (xx + yy) % 256], -1) for t in range(30)]).astype(np.uint8)
+    clip = write_video(tmp_path / "big.mp4", frames, 10)
+    del frames
+    tracemalloc.start()
+    try:
+        small = read_video(clip, size=(64, 48))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert small.frames.shape == (30, 48, 64, 3)
+    full_frame = 640 * 480 * 3
+    assert peak < 4 * full_frame, peak / full_frame
 
 
 def test_fit_resize_and_crop_shapes():
