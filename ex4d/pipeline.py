@@ -158,7 +158,11 @@ def load_shot_inputs(
         progress("read video", 1, 1)
 
     if data is not None:
-        depth_arr = check_depth(data.depth, T, (h, w), source=data.source, allow_longer=num_frames is not None)
+        stored_w, stored_h = info.stored_upright_size  # anamorphic clips: depth may come at the stored size
+        depth_arr = check_depth(
+            data.depth, T, (h, w), source=data.source, allow_longer=num_frames is not None,
+            stored_size=(stored_h, stored_w), rotation=info.rotation,
+        )
         depth_arr = fit_depth(depth_arr, (w, h), W, H, fit)
         intr, intr_source = resolve_intrinsics(
             w, h, focal_px=focal, fov_deg=fov, file_K=depth_K_at_video_size(data, (w, h)), file_size=(w, h)

@@ -31,10 +31,17 @@ class VideoInfo:
 
     num_frames: int
     fps: float
-    width: int  # as displayed (after the file's rotation, e.g. a phone's portrait clip)
+    width: int  # as displayed: the file's rotation applied (a phone's portrait clip), pixels made square
     height: int
     codec: str
     rotation: int = 0  # degrees counter-clockwise applied to the stored pictures (0, 90, 180, 270)
+    sample_aspect: Fraction = Fraction(1)  # width/height of one stored pixel (anamorphic: not 1)
+
+    @property
+    def stored_upright_size(self) -> tuple[int, int]:
+        """(width, height) of the stored pixel grid turned upright: differs from the displayed size
+        only for non-square pixels (depth made from the stored pictures has this size)."""
+        return _squeezed(self.width, self.height, self.sample_aspect, self.rotation // 90)
 
 
 @dataclass
@@ -99,6 +106,29 @@ def _stream_fps(stream) -> float:
     return fps
 
 
+def _sample_aspect(stream) -> Fraction:
+    """Width/height of one stored pixel (anamorphic footage, DV: not 1); 1 when the file does not say."""
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    sar = Fraction(sar) if sar else Fraction(1)
+    return sar if sar > 0 else Fraction(1)
+
+
+def _display_size(stored_w: int, stored_h: int, sample_aspect: Fraction, turns: int) -> tuple[int, int]:
+    """Displayed (width, height) of a stored picture: pixels made square by scaling the stored width,
+    as players and FFmpeg do, then the display rotation."""
+    w = max(1, round(stored_w * sample_aspect))
+    return (stored_h, w) if turns % 2 else (w, stored_h)
+
+
+def _squeezed(display_w: int, display_h: int, sample_aspect: Fraction, turns: int) -> tuple[int, int]:
+    """Inverse of :func:`_display_size` without the rotation: the stored grid, upright."""
+    if sample_aspect == 1:
+        return display_w, display_h
+    if turns % 2:  # the stored width runs down the displayed picture
+        return display_w, max(1, round(display_h / sample_aspect))
+    return max(1, round(display_w / sample_aspect)), display_h
+
+
 def _quarter_turns(frame) -> int:
     """Counter-clockwise quarter turns that show ``frame`` upright (phones store portrait clips as
     landscape pictures plus a display matrix; FFmpeg reports its angle as ``frame.rotation``)."""
@@ -107,8 +137,9 @@ def _quarter_turns(frame) -> int:
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Frame count, fps and displayed size. The count comes from the container or, if it does not
-    say, from counting packets; one frame is decoded to learn the display rotation."""
+    """Frame count, fps and displayed size (rotation and sample aspect applied). The count comes from
+    the container or, if it does not say, from counting packets; one frame is decoded to learn the
+    display rotation."""
     import av
 
     with _open_video(path) as (container, stream):
@@ -129,10 +160,9 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         cc = stream.codec_context
         if not (cc.width and cc.height):
             raise VideoError(f"{path}: the video stream has no picture size")
-        w, h = int(cc.width), int(cc.height)
-        if turns % 2:
-            w, h = h, w
-        return VideoInfo(count, _stream_fps(stream), w, h, str(cc.name), 90 * turns)
+        sar = _sample_aspect(stream)
+        w, h = _display_size(int(cc.width), int(cc.height), sar, turns)
+        return VideoInfo(count, _stream_fps(stream), w, h, str(cc.name), 90 * turns, sar)
 
 
 def read_video(
@@ -143,8 +173,9 @@ def read_video(
     size: tuple[int, int] | None = None,
     fit: str = "resize",
 ) -> Video:
-    """Decode frames ``start .. start+max_frames`` (all by default) as RGB uint8, upright (the file's
-    display rotation applied, as players do).
+    """Decode frames ``start .. start+max_frames`` (all by default) as RGB uint8, as players show them:
+    upright (the file's display rotation applied) and with square pixels (anamorphic footage, stored
+    with a sample aspect ratio other than 1, is stretched to its display aspect).
 
     ``size`` = (width, height) brings each frame to that size through :func:`fit_box` (``fit`` mode) as
     soon as it is decoded: the same pixels as :func:`fit_frames` on the whole clip, but only one
@@ -163,6 +194,7 @@ def read_video(
         raise InputError(f"number of frames must be >= 1, got {max_frames}")
     with _open_video(path) as (container, stream):
         fps = _stream_fps(stream)
+        sar = _sample_aspect(stream)
         listed, slack = _listed_frames(container, stream, fps)
         expected = max(0, listed - start) if max_frames is None else min(max_frames, max(0, listed - start))
         if max_frames is not None and expected == max_frames:
@@ -170,7 +202,7 @@ def read_video(
         stream.thread_type = "AUTO"  # threaded decoding ends quietly at a cut, hence the count check below
         frames = _FrameStack(expected or max_frames or 64)
         source_shape = None
-        box = None
+        display = box = None
         index = 0
         try:
             for frame in container.decode(stream):
@@ -181,13 +213,15 @@ def read_video(
                         picture = np.ascontiguousarray(np.rot90(picture, turns))
                     if source_shape is None:
                         source_shape = picture.shape
-                        if size is not None:
-                            box = fit_box(picture.shape[1], picture.shape[0], size[0], size[1], fit)
+                        ph, pw = picture.shape[:2]
+                        stored = (ph, pw) if turns % 2 else (pw, ph)  # the picture is already turned
+                        display = _display_size(*stored, sar, turns)
+                        box = _picture_box(display, (pw, ph), size or display, fit)
                     elif picture.shape != source_shape:
                         raise VideoError(
                             f"{path}: the picture size changes inside the video ({sorted([source_shape, picture.shape])[:2]})"
                         )
-                    frames.append(picture if box is None else apply_fit(picture[None], box)[0])
+                    frames.append(picture if box.is_identity else apply_fit(picture[None], box)[0])
                     if max_frames is not None and len(frames) >= max_frames:
                         break
                 index += 1
@@ -204,8 +238,13 @@ def read_video(
         )
     if missing > 0:
         warnings.warn(f"{path}: decoded {len(frames)} of the {expected} frames the file lists; using {len(frames)}", stacklevel=2)
-    height, width = source_shape[:2]
-    return Video(frames.array(), fps, (width, height))
+    return Video(frames.array(), fps, display)
+
+
+def _picture_box(display: tuple[int, int], picture: tuple[int, int], size: tuple[int, int], mode: str) -> FitBox:
+    """The fit box from the displayed picture to ``size``, in the pixels of the decoded ``picture``
+    (the same unless the stored pixels are not square)."""
+    return box_in_pixels_of(fit_box(display[0], display[1], size[0], size[1], mode), display, picture)
 
 
 def _listed_frames(container, stream, fps: float) -> tuple[int, int]:
@@ -288,6 +327,17 @@ def fit_box(src_width: int, src_height: int, width: int, height: int, mode: str 
         return FitBox((src_width - w) // 2, 0, w, src_height, width, height)
     h = min(src_height, max(1, round(src_width / target)))
     return FitBox(0, (src_height - h) // 2, src_width, h, width, height)
+
+
+def box_in_pixels_of(box: FitBox, size: tuple[int, int], other: tuple[int, int]) -> FitBox:
+    """``box`` for an image of ``size`` = (w, h), expressed in the pixels of an ``other``-sized image
+    of the same picture (depth at another resolution, non-square stored pixels), rounded to whole pixels."""
+    if tuple(size) == tuple(other):
+        return box
+    (vw, vh), (w, h) = size, other
+    sx, sy = w / vw, h / vh
+    x0, y0 = round(box.x0 * sx), round(box.y0 * sy)
+    return FitBox(x0, y0, max(1, min(w - x0, round(box.w * sx))), max(1, min(h - y0, round(box.h * sy))), box.width, box.height)
 
 
 def apply_fit(images: np.ndarray, box: FitBox, nearest: bool = False) -> np.ndarray:

@@ -135,3 +135,24 @@ def cut_clip(tmp_path, num_frames=24, keep=0.7) -> Path:
     cut.write_bytes(data[: int(len(data) * keep)])
     full.unlink()
     return cut
+
+
+# Track-header display matrices (a b u / c d v / x y w; 16.16 fixed point, u v w 2.30) by clockwise turn.
+_DISPLAY_MATRICES = {
+    90: (0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000),
+    180: (-0x10000, 0, 0, 0, -0x10000, 0, 0, 0, 0x40000000),
+    270: (0, -0x10000, 0, 0x10000, 0, 0, 0, 0, 0x40000000),
+}
+
+
+def with_display_rotation(clip: Path, out: Path, clockwise: int) -> Path:
+    """A copy of an mp4 whose track header tells players to turn the pictures ``clockwise`` degrees,
+    as phones write portrait (90) or upside-down (180) clips."""
+    import struct
+
+    raw = bytearray(Path(clip).read_bytes())
+    tkhd = raw.find(b"tkhd")
+    assert tkhd > 0 and raw[tkhd + 4] == 0  # version 0 track header: the matrix starts 44 bytes after 'tkhd'
+    raw[tkhd + 44 : tkhd + 80] = struct.pack(">9i", *_DISPLAY_MATRICES[clockwise])
+    Path(out).write_bytes(bytes(raw))
+    return Path(out)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import glob as globlib
 import os
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,12 +246,19 @@ def check_depth(
     size: tuple[int, int],
     source: str = "depth",
     allow_longer: bool = False,
+    *,
+    stored_size: tuple[int, int] | None = None,
+    rotation: int = 0,
 ) -> np.ndarray:
-    """Check ``depth`` against a video of ``num_frames`` frames of ``size`` = (height, width).
+    """Check ``depth`` against a video of ``num_frames`` frames of ``size`` = (height, width) as displayed.
 
-    The depth may have another resolution with the same aspect ratio (it is resized later). With
-    ``allow_longer`` (the user cut the video with --frames) extra depth frames are dropped. Every
-    value must be finite and > 0. Returns float32 (num_frames, h, w).
+    The depth may have another resolution with the same aspect ratio (it is resized later). For an
+    anamorphic video, ``stored_size`` = (height, width) of its stored pixel grid (upright): depth with
+    that aspect covers the same picture in stored pixels and is accepted too. ``rotation`` (degrees the
+    video is turned for display) only adds a hint to the aspect error and, where the shape cannot show
+    a wrong orientation (180 degrees, square pictures), a warning. With ``allow_longer`` (the user cut
+    the video with --frames) extra depth frames are dropped. Every value must be finite and > 0.
+    Returns float32 (num_frames, h, w).
     """
     depth = np.asarray(depth)
     if depth.ndim != 3:
@@ -262,10 +270,27 @@ def check_depth(
             f"{source}: depth has {T} frame{'s' * (T != 1)} but the video has {num_frames}; "
             "give one depth map per video frame"
         )
-    if abs((w / h) / (W / H) - 1.0) > 0.01:
-        raise DepthError(
-            f"{source}: depth is {w}x{h} (aspect {w / h:.3f}) but the video is {W}x{H} (aspect {W / H:.3f}); "
-            "the depth maps must cover the same picture"
+    anamorphic = stored_size is not None and tuple(stored_size) != (H, W)
+    if not (_same_aspect(w, h, W, H) or (anamorphic and _same_aspect(w, h, stored_size[1], stored_size[0]))):
+        message = f"{source}: depth is {w}x{h} (aspect {w / h:.3f}) but the video is {W}x{H} (aspect {W / H:.3f})"
+        if anamorphic:
+            Hs, Ws = stored_size
+            message += (
+                f" as displayed ({Ws}x{Hs} stored, non-square pixels); give depth at {W}x{H} or {Ws}x{Hs} "
+                "(or either aspect at another resolution)"
+            )
+        else:
+            message += "; the depth maps must cover the same picture"
+        if rotation % 360:
+            message += (
+                f"; the video is rotated {_turn_words(rotation)} for display; depth must be in the displayed "
+                f"orientation ({W} wide, {H} high, or that aspect)"
+            )
+        raise DepthError(message)
+    if rotation % 360 == 180 or (rotation % 180 == 90 and _same_aspect(W, H, 1, 1)):
+        warnings.warn(
+            f"the video is rotated {_turn_words(rotation)} for display; the depth is used as given, so it must be "
+            "in the displayed (upright) orientation - depth made from the stored pictures would be misaligned"
         )
     depth = depth[:num_frames].astype(np.float32, copy=False)
     finite = np.isfinite(depth)
@@ -282,22 +307,28 @@ def check_depth(
     return depth
 
 
+def _turn_words(rotation: int) -> str:
+    """Counter-clockwise degrees (FFmpeg's sense) as a person says them: phones mostly turn clockwise."""
+    return {90: "90 degrees counter-clockwise", 180: "180 degrees", 270: "90 degrees clockwise"}.get(
+        rotation % 360, f"{rotation % 360} degrees"
+    )
+
+
+def _same_aspect(w: int, h: int, W: int, H: int) -> bool:
+    return abs((w / h) / (W / H) - 1.0) <= 0.01
+
+
 def fit_depth(depth: np.ndarray, video_size: tuple[int, int], width: int, height: int, mode: str = "resize") -> np.ndarray:
     """Bring (T,h,w) depth to the working size the way the video's frames are brought there.
 
     ``video_size`` = (width, height) of the source video. Depth at another resolution (same aspect) is
     first mapped onto the video's pixel grid, then cropped/resized through the same box.
     """
-    from ..video import apply_fit, fit_box
+    from ..video import apply_fit, box_in_pixels_of, fit_box
 
     vw, vh = video_size
     T, h, w = depth.shape
-    box = fit_box(vw, vh, width, height, mode)
-    if (w, h) != (vw, vh):
-        # The same box expressed in the depth's own pixels, rounded to whole pixels.
-        sx, sy = w / vw, h / vh
-        x0, y0 = round(box.x0 * sx), round(box.y0 * sy)
-        box = type(box)(x0, y0, max(1, min(w - x0, round(box.w * sx))), max(1, min(h - y0, round(box.h * sy))), width, height)
+    box = box_in_pixels_of(fit_box(vw, vh, width, height, mode), (vw, vh), (w, h))
     return apply_fit(depth, box, nearest=True).astype(np.float32, copy=False)
 
 
