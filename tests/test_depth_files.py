@@ -346,7 +346,7 @@ def test_rotated_video_and_depth_in_the_stored_orientation(tmp_path):
 
     flipped = with_display_rotation(plain, tmp_path / "flipped.mp4", 180)
     with pytest.warns(UserWarning, match=r"rotated 180 degrees for display; .* must be in the displayed \(upright\) orientation"):
-        load_shot_inputs(flipped, depth=tmp_path / "stored.npz")
+        load_shot_inputs(flipped, depth=tmp_path / "stored.npz", focal=50)
 
 
 def test_rotation_warning_for_square_pictures_only_when_the_shape_cannot_tell():
