@@ -277,6 +277,8 @@ class _FrameStack:
 
     def append(self, image: np.ndarray) -> None:
         if self.data is None:
+            # a damaged header may list absurd counts: start at most ~4 GB and grow from there
+            self.capacity = min(self.capacity, max(1, (4 << 30) // max(1, image.nbytes)))
             self.data = np.empty((self.capacity, *image.shape), image.dtype)
         elif self.count == len(self.data):
             grown = np.empty((2 * len(self.data), *image.shape), image.dtype)
