@@ -74,6 +74,13 @@ def default_working_size(width: int, height: int) -> tuple[int, int]:
     return max(2, width - width % 2), max(2, height - height % 2)
 
 
+def preview_size(width: int, height: int, long_side: int = 512) -> tuple[int, int]:
+    """A quick working size with the clip's own aspect ratio (so ``--fit resize`` does not stretch a
+    portrait clip): the longer side ``long_side``, both sides even."""
+    scale = long_side / max(width, height)
+    return max(2, 2 * round(width * scale / 2)), max(2, 2 * round(height * scale / 2))
+
+
 # --------------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------------
@@ -104,7 +111,7 @@ def load_shot_inputs(
     clip so its median z-depth is that many units).
     """
     from .depth.files import check_depth, depth_K_at_video_size, fit_depth, load_depth
-    from .video import fit_frames, fit_intrinsics, fit_box, probe_video, read_video
+    from .video import fit_intrinsics, fit_box, probe_video, read_video
 
     if depth is not None and depth_model is not None:
         raise InputError("give either --depth or --depth-model, not both")
@@ -130,7 +137,8 @@ def load_shot_inputs(
     if W * H > LARGE_WORKING_PIXELS:
         warnings.warn(
             f"working size {W}x{H} makes a {W * H / 1e6:.1f} M-vertex mesh per frame: slow on a CPU and far above "
-            "the ex4d generator's 512x512; pass e.g. --size 512x288 for a quicker preview"
+            f"the ex4d generator's 512x512; pass e.g. --size {'x'.join(map(str, preview_size(info.width, info.height)))} "
+            "for a quicker preview"
         )
 
     data = None
@@ -139,17 +147,22 @@ def load_shot_inputs(
 
     if progress:
         progress("read video", 0, 1)
-    clip = read_video(video, max_frames=num_frames)
+    clip = read_video(video, max_frames=num_frames, size=(W, H), fit=fit)  # fitted as decoded: bounded memory
     _check_cancel(cancel)
-    T, h, w = clip.frames.shape[:3]
+    frames = clip.frames
+    T = clip.num_frames
+    w, h = clip.source_size
     if num_frames is not None and T < num_frames:
         raise VideoError(f"{video}: --frames {num_frames}, but only {T} frames could be decoded (is the file cut short?)")
-    frames = fit_frames(clip.frames, W, H, fit)
     if progress:
         progress("read video", 1, 1)
 
     if data is not None:
-        depth_arr = check_depth(data.depth, T, (h, w), source=data.source, allow_longer=num_frames is not None)
+        stored_w, stored_h = info.stored_upright_size  # anamorphic clips: depth may come at the stored size
+        depth_arr = check_depth(
+            data.depth, T, (h, w), source=data.source, allow_longer=num_frames is not None,
+            stored_size=(stored_h, stored_w), rotation=info.rotation,
+        )
         depth_arr = fit_depth(depth_arr, (w, h), W, H, fit)
         intr, intr_source = resolve_intrinsics(
             w, h, focal_px=focal, fov_deg=fov, file_K=depth_K_at_video_size(data, (w, h)), file_size=(w, h)

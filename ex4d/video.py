@@ -31,16 +31,24 @@ class VideoInfo:
 
     num_frames: int
     fps: float
-    width: int  # as displayed (after the file's rotation, e.g. a phone's portrait clip)
+    width: int  # as displayed: the file's rotation applied (a phone's portrait clip), pixels made square
     height: int
     codec: str
     rotation: int = 0  # degrees counter-clockwise applied to the stored pictures (0, 90, 180, 270)
+    sample_aspect: Fraction = Fraction(1)  # width/height of one stored pixel (anamorphic: not 1)
+
+    @property
+    def stored_upright_size(self) -> tuple[int, int]:
+        """(width, height) of the stored pixel grid turned upright: differs from the displayed size
+        only for non-square pixels (depth made from the stored pictures has this size)."""
+        return _squeezed(self.width, self.height, self.sample_aspect, self.rotation // 90)
 
 
 @dataclass
 class Video:
     frames: np.ndarray  # (T, H, W, 3) uint8 RGB
     fps: float
+    source_size: tuple[int, int] = (0, 0)  # (width, height) as displayed, before read_video's ``size``
 
     @property
     def num_frames(self) -> int:
@@ -98,6 +106,29 @@ def _stream_fps(stream) -> float:
     return fps
 
 
+def _sample_aspect(stream) -> Fraction:
+    """Width/height of one stored pixel (anamorphic footage, DV: not 1); 1 when the file does not say."""
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    sar = Fraction(sar) if sar else Fraction(1)
+    return sar if sar > 0 else Fraction(1)
+
+
+def _display_size(stored_w: int, stored_h: int, sample_aspect: Fraction, turns: int) -> tuple[int, int]:
+    """Displayed (width, height) of a stored picture: pixels made square by scaling the stored width,
+    as players and FFmpeg do, then the display rotation."""
+    w = max(1, round(stored_w * sample_aspect))
+    return (stored_h, w) if turns % 2 else (w, stored_h)
+
+
+def _squeezed(display_w: int, display_h: int, sample_aspect: Fraction, turns: int) -> tuple[int, int]:
+    """Inverse of :func:`_display_size` without the rotation: the stored grid, upright."""
+    if sample_aspect == 1:
+        return display_w, display_h
+    if turns % 2:  # the stored width runs down the displayed picture
+        return display_w, max(1, round(display_h / sample_aspect))
+    return max(1, round(display_w / sample_aspect)), display_h
+
+
 def _quarter_turns(frame) -> int:
     """Counter-clockwise quarter turns that show ``frame`` upright (phones store portrait clips as
     landscape pictures plus a display matrix; FFmpeg reports its angle as ``frame.rotation``)."""
@@ -106,8 +137,9 @@ def _quarter_turns(frame) -> int:
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
-    """Frame count, fps and displayed size. The count comes from the container or, if it does not
-    say, from counting packets; one frame is decoded to learn the display rotation."""
+    """Frame count, fps and displayed size (rotation and sample aspect applied). The count comes from
+    the container or, if it does not say, from counting packets; one frame is decoded to learn the
+    display rotation."""
     import av
 
     with _open_video(path) as (container, stream):
@@ -128,45 +160,135 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         cc = stream.codec_context
         if not (cc.width and cc.height):
             raise VideoError(f"{path}: the video stream has no picture size")
-        w, h = int(cc.width), int(cc.height)
-        if turns % 2:
-            w, h = h, w
-        return VideoInfo(count, _stream_fps(stream), w, h, str(cc.name), 90 * turns)
+        sar = _sample_aspect(stream)
+        w, h = _display_size(int(cc.width), int(cc.height), sar, turns)
+        return VideoInfo(count, _stream_fps(stream), w, h, str(cc.name), 90 * turns, sar)
 
 
-def read_video(path: str | os.PathLike, max_frames: int | None = None, start: int = 0) -> Video:
-    """Decode frames ``start .. start+max_frames`` (all by default) as RGB uint8, upright (the file's
-    display rotation applied, as players do)."""
+def read_video(
+    path: str | os.PathLike,
+    max_frames: int | None = None,
+    start: int = 0,
+    *,
+    size: tuple[int, int] | None = None,
+    fit: str = "resize",
+) -> Video:
+    """Decode frames ``start .. start+max_frames`` (all by default) as RGB uint8, as players show them:
+    upright (the file's display rotation applied) and with square pixels (anamorphic footage, stored
+    with a sample aspect ratio other than 1, is stretched to its display aspect).
+
+    ``size`` = (width, height) brings each frame to that size through :func:`fit_box` (``fit`` mode) as
+    soon as it is decoded: the same pixels as :func:`fit_frames` on the whole clip, but only one
+    full-size frame is in memory at a time (a long 4K clip would not fit otherwise).
+
+    A clip that decodes to fewer frames than its container lists is a broken copy: :class:`VideoError`
+    "decoded N of M frames" rather than a shorter clip that fails later against its depth. Where that
+    count is exact one missing frame is only a warning (edit lists can hide one); where the container
+    gives only a duration, a few frames are. With ``max_frames`` only those frames must decode.
+    """
     import av
 
     if start < 0:
         raise InputError(f"start frame must be >= 0, got {start}")
     if max_frames is not None and max_frames < 1:
         raise InputError(f"number of frames must be >= 1, got {max_frames}")
-    frames: list[np.ndarray] = []
     with _open_video(path) as (container, stream):
         fps = _stream_fps(stream)
-        stream.thread_type = "AUTO"
+        sar = _sample_aspect(stream)
+        listed, slack = _listed_frames(container, stream, fps)
+        expected = max(0, listed - start) if max_frames is None else min(max_frames, max(0, listed - start))
+        if max_frames is not None and expected == max_frames:
+            slack = 0  # the user asked for exactly these frames
+        stream.thread_type = "AUTO"  # threaded decoding ends quietly at a cut, hence the count check below
+        frames = _FrameStack(expected or max_frames or 64)
+        source_shape = None
+        display = box = None
         index = 0
         try:
             for frame in container.decode(stream):
                 if index >= start:
                     picture = frame.to_ndarray(format="rgb24")
                     turns = _quarter_turns(frame)
-                    frames.append(np.ascontiguousarray(np.rot90(picture, turns)) if turns else picture)
+                    if turns:
+                        picture = np.ascontiguousarray(np.rot90(picture, turns))
+                    if source_shape is None:
+                        source_shape = picture.shape
+                        ph, pw = picture.shape[:2]
+                        stored = (ph, pw) if turns % 2 else (pw, ph)  # the picture is already turned
+                        display = _display_size(*stored, sar, turns)
+                        box = _picture_box(display, (pw, ph), size or display, fit)
+                    elif picture.shape != source_shape:
+                        raise VideoError(
+                            f"{path}: the picture size changes inside the video ({sorted([source_shape, picture.shape])[:2]})"
+                        )
+                    frames.append(picture if box.is_identity else apply_fit(picture[None], box)[0])
                     if max_frames is not None and len(frames) >= max_frames:
                         break
                 index += 1
         except av.FFmpegError as e:
             raise VideoError(f"{path}: the video is corrupt at frame {index} ({_short(e)})") from None
-    if not frames:
+    if not len(frames):
         if index == 0:
             raise VideoError(f"{path}: the video contains no decodable frames")
         raise VideoError(f"{path}: start frame {start} is past the end of the video ({index} frames)")
-    shapes = {f.shape for f in frames}
-    if len(shapes) > 1:
-        raise VideoError(f"{path}: the picture size changes inside the video ({sorted(shapes)[:2]})")
-    return Video(np.stack(frames), fps)
+    missing = expected - len(frames)
+    if missing > slack:
+        raise VideoError(
+            f"{path}: decoded {len(frames)} of {expected} frames - the file is cut short or corrupt (copy or export it again)"
+        )
+    if missing > 0:
+        warnings.warn(f"{path}: decoded {len(frames)} of the {expected} frames the file lists; using {len(frames)}", stacklevel=2)
+    return Video(frames.array(), fps, display)
+
+
+def _picture_box(display: tuple[int, int], picture: tuple[int, int], size: tuple[int, int], mode: str) -> FitBox:
+    """The fit box from the displayed picture to ``size``, in the pixels of the decoded ``picture``
+    (the same unless the stored pixels are not square)."""
+    return box_in_pixels_of(fit_box(display[0], display[1], size[0], size[1], mode), display, picture)
+
+
+def _listed_frames(container, stream, fps: float) -> tuple[int, int]:
+    """(frames the file says it has, how many fewer may decode without the file being broken).
+
+    mp4/mov list every frame in their index; an edit list can hide one. Others (mkv, ts) may give only a
+    duration, an estimate: allow a few frames. (0, 0) when the file says nothing."""
+    if stream.frames and stream.frames > 0:
+        return int(stream.frames), 1
+    seconds = 0.0
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration:
+        seconds = container.duration / 1e6  # microseconds (AV_TIME_BASE)
+    estimate = int(round(seconds * fps)) if math.isfinite(seconds) and seconds > 0 else 0
+    return estimate, max(2, math.ceil(0.05 * estimate))
+
+
+class _FrameStack:
+    """Frames gathered into one array that grows when needed; ``np.stack`` of a list would need the
+    clip's memory twice at the end."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(1, int(capacity))
+        self.data: np.ndarray | None = None
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def append(self, image: np.ndarray) -> None:
+        if self.data is None:
+            # a damaged header may list absurd counts: start at most ~4 GB and grow from there
+            self.capacity = min(self.capacity, max(1, (4 << 30) // max(1, image.nbytes)))
+            self.data = np.empty((self.capacity, *image.shape), image.dtype)
+        elif self.count == len(self.data):
+            grown = np.empty((2 * len(self.data), *image.shape), image.dtype)
+            grown[: self.count] = self.data
+            self.data = grown
+        self.data[self.count] = image
+        self.count += 1
+
+    def array(self) -> np.ndarray:
+        return self.data[: self.count]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,6 +329,17 @@ def fit_box(src_width: int, src_height: int, width: int, height: int, mode: str 
         return FitBox((src_width - w) // 2, 0, w, src_height, width, height)
     h = min(src_height, max(1, round(src_width / target)))
     return FitBox(0, (src_height - h) // 2, src_width, h, width, height)
+
+
+def box_in_pixels_of(box: FitBox, size: tuple[int, int], other: tuple[int, int]) -> FitBox:
+    """``box`` for an image of ``size`` = (w, h), expressed in the pixels of an ``other``-sized image
+    of the same picture (depth at another resolution, non-square stored pixels), rounded to whole pixels."""
+    if tuple(size) == tuple(other):
+        return box
+    (vw, vh), (w, h) = size, other
+    sx, sy = w / vw, h / vh
+    x0, y0 = round(box.x0 * sx), round(box.y0 * sy)
+    return FitBox(x0, y0, max(1, min(w - x0, round(box.w * sx))), max(1, min(h - y0, round(box.h * sy))), box.width, box.height)
 
 
 def apply_fit(images: np.ndarray, box: FitBox, nearest: bool = False) -> np.ndarray:

@@ -102,3 +102,57 @@ def flower_dir(shared_dir) -> Path:
     if not (FLOWER_DIR / "input.mp4").is_file():
         pytest.skip(f"EX-4D reference clip {FLOWER_DIR}/input.mp4 is not there")
     return FLOWER_DIR
+
+
+def write_clip(path, frames, fps=24, *, container_options=None, sample_aspect=None, crf=18) -> Path:
+    """Write frames as H.264 mp4 with PyAV directly, for the file layouts write_video never makes:
+    ``container_options`` such as {'movflags': 'faststart'}, ``sample_aspect`` (a Fraction: anamorphic)."""
+    import av
+
+    frames = np.asarray(frames)
+    with av.open(str(path), "w", format="mp4", options=container_options or {}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        if sample_aspect is not None:
+            stream.codec_context.sample_aspect_ratio = sample_aspect
+        for im in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(im), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return Path(path)
+
+
+def cut_clip(tmp_path, num_frames=24, keep=0.7) -> Path:
+    """A clip whose index (moov at the front: 'faststart') lists ``num_frames`` frames but whose data
+    is cut to ``keep`` of its bytes, as an interrupted copy leaves it."""
+    frames, _, _ = make_tiny_scene(num_frames)
+    full = write_clip(tmp_path / "full.mp4", frames, container_options={"movflags": "faststart"}, crf=30)
+    data = full.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * keep)])
+    full.unlink()
+    return cut
+
+
+# Track-header display matrices (a b u / c d v / x y w; 16.16 fixed point, u v w 2.30) by clockwise turn.
+_DISPLAY_MATRICES = {
+    90: (0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000),
+    180: (-0x10000, 0, 0, 0, -0x10000, 0, 0, 0, 0x40000000),
+    270: (0, -0x10000, 0, 0x10000, 0, 0, 0, 0, 0x40000000),
+}
+
+
+def with_display_rotation(clip: Path, out: Path, clockwise: int) -> Path:
+    """A copy of an mp4 whose track header tells players to turn the pictures ``clockwise`` degrees,
+    as phones write portrait (90) or upside-down (180) clips."""
+    import struct
+
+    raw = bytearray(Path(clip).read_bytes())
+    tkhd = raw.find(b"tkhd")
+    assert tkhd > 0 and raw[tkhd + 4] == 0  # version 0 track header: the matrix starts 44 bytes after 'tkhd'
+    raw[tkhd + 44 : tkhd + 80] = struct.pack(">9i", *_DISPLAY_MATRICES[clockwise])
+    Path(out).write_bytes(bytes(raw))
+    return Path(out)

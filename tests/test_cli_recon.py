@@ -346,3 +346,33 @@ def test_fitted_shot_matches_ground_truth(tmp_path, size, fit):
     for t in range(3):
         s = score(result.guides.color[t], result.guides.mask[t], gt_color[t], gt_visible[t])
         assert s.psnr > 20.0 and s.precision > 0.99, (t, s)
+
+
+def test_cut_short_video_is_blamed_not_the_depth(tmp_path, capsys):
+    """A truncated copy: the error names the video, not the (correct) 24-frame depth."""
+    from conftest import cut_clip, make_tiny_scene
+
+    cut = cut_clip(tmp_path)
+    _, depth, K = make_tiny_scene(24)
+    write_npz_atomic(tmp_path / "depth.npz", depth=depth, K=K)
+    out = tmp_path / "out"
+    code, _, err = run_cli(["recon", cut, "--depth", tmp_path / "depth.npz", "--out", out, "--quiet"], capsys)
+    assert code == 2 and not out.exists()
+    assert "of 24 frames - the file is cut short or corrupt" in err.splitlines()[-1] and "depth has" not in err
+    # only the first frame, which decodes fine: the user asked for just that
+    code, _, err = run_cli(["recon", cut, "--depth", tmp_path / "depth.npz", "--frames", "1", "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+
+
+def test_large_size_warning_suggests_the_clips_own_aspect(tmp_path):
+    """A portrait clip: the suggested preview size is portrait too (--fit resize would stretch 512x288)."""
+    from conftest import make_tiny_scene
+    from ex4d.pipeline import load_shot_inputs, preview_size
+
+    assert preview_size(1920, 1080) == (512, 288) and preview_size(1080, 1920) == (288, 512)
+    assert preview_size(1440, 1080) == (512, 384)
+    frames, depth, _ = make_tiny_scene(2, 48, 64)
+    write_video(tmp_path / "portrait.mp4", frames, 10)
+    write_npz_atomic(tmp_path / "d.npz", depth=depth)
+    with pytest.warns(UserWarning, match=r"--size 384x512 for a quicker preview"):
+        load_shot_inputs(tmp_path / "portrait.mp4", depth=tmp_path / "d.npz", size=(1080, 1440))

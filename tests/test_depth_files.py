@@ -96,6 +96,39 @@ def test_png16_folder_and_glob(tmp_path):
     assert data.depth[1, 0, 0] == pytest.approx(12.5)
 
 
+def test_png_sequence_without_zero_padding_is_in_frame_order(tmp_path):
+    """depth_1 .. depth_12: sorted as text, depth_10 would come second and every later frame would be
+    matched to the wrong video frame."""
+    import cv2
+
+    folder = tmp_path / "seq"
+    folder.mkdir()
+    for i in range(1, 13):
+        assert cv2.imwrite(str(folder / f"depth_{i}.png"), np.full((4, 6), 1000 * i, np.uint16))
+    expected = np.arange(1, 13, dtype=np.float32)
+    for source in (folder, str(folder / "depth_*.png")):
+        data = load_depth(source)
+        np.testing.assert_allclose(data.depth[:, 0, 0], expected)
+
+
+def test_existing_paths_with_glob_characters_are_used_as_they_are(tmp_path):
+    """'shot [v2]' is a folder name, not a character class."""
+    import cv2
+
+    folder = tmp_path / "dep" / "shot [v2]"
+    folder.mkdir(parents=True)
+    np.savez(folder / "depth.npz", depth=np.full((2, 4, 6), 3.0, np.float32))
+    assert load_depth(folder / "depth.npz").depth.shape == (2, 4, 6)
+    pngs = folder / "png [a]"
+    pngs.mkdir()
+    for i in range(3):
+        assert cv2.imwrite(str(pngs / f"d{i}.png"), np.full((4, 6), 1000 + i, np.uint16))
+    assert load_depth(pngs).depth.shape == (3, 4, 6)
+    assert load_depth(str(pngs / "*.png")).depth.shape == (3, 4, 6)  # a real glob inside such a folder
+    with pytest.raises(DepthError, match="no depth files match"):
+        load_depth(str(folder / "*.exr"))
+
+
 @pytest.mark.parametrize("kind,match", [("8bit", "16-bit"), ("rgb", "one channel"), ("sizes", "different sizes"), ("empty", "no .png")])
 def test_bad_png_sequences(tmp_path, kind, match):
     folder = tmp_path / "seq"
@@ -245,3 +278,84 @@ def test_exr_from_a_real_blender_render(tmp_path):
         # the plane spans many pixels off axis; radial distance would grow to 5/cos(angle) there
         assert plane.sum() > 50 and np.allclose(z[plane], 5.0, atol=1e-3)
         assert (z[~plane] > 100).all() and np.isfinite(z).all()  # sky = far, not NaN/inf
+
+
+# ----------------------------------------------------------------------------------------- depth against real videos
+
+
+def _anamorphic_shot(tmp_path):
+    from fractions import Fraction
+
+    from conftest import write_clip
+
+    stored = np.zeros((2, 108, 144, 3), np.uint8)
+    stored[:, :, 72:] = 255
+    return write_clip(tmp_path / "anamorphic.mp4", stored, sample_aspect=Fraction(4, 3))
+
+
+def test_anamorphic_depth_at_display_or_stored_size(tmp_path):
+    """Depth for a 144x108 clip with 4:3 pixels (displayed 192x108) may be made from the displayed
+    (square-pixel) pictures or from the stored ones; both land on the same working-size picture, and a
+    K in either's pixels gives the same intrinsics."""
+    from ex4d.pipeline import load_shot_inputs
+
+    video = _anamorphic_shot(tmp_path)
+    display = np.full((2, 108, 192), 5.0, np.float32)
+    display[:, :, 96:] = 2.0
+    stored = np.full((2, 108, 144), 5.0, np.float32)
+    stored[:, :, 72:] = 2.0
+    K_display = np.array([[120.0, 0, 96], [0, 120.0, 54], [0, 0, 1]])
+    K_stored = np.array([[90.0, 0, 72], [0, 120.0, 54], [0, 0, 1]])  # same lens in 4:3-wide pixels
+    np.savez(tmp_path / "display.npz", depth=display, K=K_display)
+    np.savez(tmp_path / "stored.npz", depth=stored, K=K_stored)
+    results = [load_shot_inputs(video, depth=tmp_path / f"{name}.npz", size=(96, 54)) for name in ("display", "stored")]
+    for r in results:
+        assert r.frames.shape == (2, 54, 96, 3) and r.source_size == (192, 108)
+        assert int(np.argmax(r.depth[0, 27] == 2.0)) == 48
+        assert abs(int(np.argmax(r.frames[0, 27, :, 1] > 127)) - 48) <= 1  # colour edge where the depth edge is
+        assert (r.intrinsics.fx, r.intrinsics.fy, r.intrinsics.cx) == pytest.approx((60.0, 60.0, 48.0))
+    np.testing.assert_array_equal(results[0].depth, results[1].depth)
+
+    np.savez(tmp_path / "square.npz", depth=np.ones((2, 100, 100), np.float32))
+    with pytest.raises(DepthError, match=r"non-square pixels\); give depth at 192x108 or 144x108") as e:
+        load_shot_inputs(video, depth=tmp_path / "square.npz")
+    one_line(e)
+
+
+def test_rotated_video_and_depth_in_the_stored_orientation(tmp_path):
+    """A portrait phone clip (stored landscape, turned 90 degrees clockwise): depth in the stored
+    orientation is refused with the reason; at 180 degrees the shape cannot tell, so a warning says
+    which orientation the depth must be in."""
+    from conftest import with_display_rotation
+    from ex4d.pipeline import load_shot_inputs
+    from ex4d.video import write_video
+
+    frames, depth, _ = __import__("conftest").make_tiny_scene(2)  # stored 64x48
+    plain = write_video(tmp_path / "plain.mp4", frames, 10)
+    portrait = with_display_rotation(plain, tmp_path / "portrait.mp4", 90)
+    np.savez(tmp_path / "stored.npz", depth=depth)
+    with pytest.raises(DepthError, match="rotated 90 degrees clockwise for display; depth must be in the displayed orientation") as e:
+        load_shot_inputs(portrait, depth=tmp_path / "stored.npz")
+    one_line(e)
+    np.savez(tmp_path / "upright.npz", depth=np.ascontiguousarray(np.rot90(depth, -1, axes=(1, 2))))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the shape shows the orientation: nothing to warn about
+        assert load_shot_inputs(portrait, depth=tmp_path / "upright.npz", focal=50).depth.shape == (2, 64, 48)
+
+    flipped = with_display_rotation(plain, tmp_path / "flipped.mp4", 180)
+    with pytest.warns(UserWarning, match=r"rotated 180 degrees for display; .* must be in the displayed \(upright\) orientation"):
+        load_shot_inputs(flipped, depth=tmp_path / "stored.npz", focal=50)
+
+
+def test_rotation_warning_for_square_pictures_only_when_the_shape_cannot_tell():
+    d = np.ones((1, 8, 8), np.float32)
+    with pytest.warns(UserWarning, match="rotated 90 degrees clockwise"):
+        check_depth(d, 1, (8, 8), rotation=270)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_depth(np.ones((1, 8, 6), np.float32), 1, (8, 6), rotation=270)
+        check_depth(d, 1, (8, 8))

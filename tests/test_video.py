@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import cut_clip, make_tiny_scene, with_display_rotation, write_clip
 from ex4d.camera import Intrinsics
 from ex4d.errors import InputError, VideoError
 from ex4d.video import (
@@ -119,6 +120,60 @@ def test_bad_videos_are_one_line_errors(tmp_path, tiny_clip, kind):
         assert "\n" not in str(e.value) and str(e.value)
 
 
+def test_cut_short_video_is_an_error_naming_the_video(tmp_path):
+    """The index lists 24 frames but the data ends early: threaded decoding stops quietly after a few.
+    That is a broken copy, not a shorter clip (which would then be blamed on the depth)."""
+    cut = cut_clip(tmp_path)
+    assert probe_video(cut).num_frames == 24
+    with pytest.raises(VideoError, match=r"decoded \d+ of 24 frames - the file is cut short or corrupt") as e:
+        read_video(cut)
+    assert "\n" not in str(e.value) and str(cut) in str(e.value)
+    with pytest.raises(VideoError, match=r"decoded \d+ of 20 frames"):
+        read_video(cut, max_frames=20)
+    # asking for only the first frames, which are intact, is fine
+    assert read_video(cut, max_frames=1).num_frames == 1
+
+
+def test_complete_videos_pass_the_frame_count_check(tmp_path):
+    frames, _, _ = make_tiny_scene(5)
+    clip = write_clip(tmp_path / "fast.mp4", frames, container_options={"movflags": "faststart"})
+    assert read_video(clip).num_frames == 5
+    assert read_video(clip, start=2).num_frames == 3
+
+
+@pytest.mark.parametrize("mode,size", [("resize", (40, 24)), ("crop", (32, 32)), ("crop", (60, 20)), ("resize", (160, 96))])
+def test_fitting_while_decoding_equals_fitting_afterwards(tmp_path, mode, size):
+    """read_video(size=...) fits each frame as it is decoded (bounded memory); the pixels are the ones
+    fit_frames gives on the whole decoded clip (the old path), interpolation included."""
+    frames, _, _ = make_tiny_scene(4, 80, 48)
+    clip = write_video(tmp_path / "v.mp4", frames, 10)
+    whole = read_video(clip)
+    fitted = read_video(clip, size=size, fit=mode)
+    np.testing.assert_array_equal(fitted.frames, fit_frames(whole.frames, *size, mode))
+    assert fitted.source_size == whole.source_size == (80, 48)
+    part = read_video(clip, max_frames=2, start=1, size=size, fit=mode)
+    np.testing.assert_array_equal(part.frames, fit_frames(whole.frames[1:3], *size, mode))
+
+
+def test_fitting_while_decoding_holds_one_full_frame_at_a_time(tmp_path):
+    """30 frames of 640x480 read at 64x48: numpy memory stays far below the 27 MB of the full clip."""
+    import tracemalloc
+
+    yy, xx = np.mgrid[0:480, 0:640]
+    frames = np.stack([np.stack([(xx + 7 * t) % 256, yy % 256, (xx + yy) % 256], -1) for t in range(30)]).astype(np.uint8)
+    clip = write_video(tmp_path / "big.mp4", frames, 10)
+    del frames
+    tracemalloc.start()
+    try:
+        small = read_video(clip, size=(64, 48))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert small.frames.shape == (30, 48, 64, 3)
+    full_frame = 640 * 480 * 3
+    assert peak < 4 * full_frame, peak / full_frame
+
+
 def test_fit_resize_and_crop_shapes():
     frames = np.zeros((2, 48, 80, 3), np.uint8)
     assert fit_frames(frames, 40, 24, "resize").shape == (2, 24, 40, 3)
@@ -178,3 +233,44 @@ def test_phone_rotation_is_applied(tmp_path):
     ys, xs = np.nonzero(frames[0, ..., 0] > 128)
     # turned clockwise: the block is now at the top-right, 10 wide and 20 tall
     assert (ys.min(), xs.max()) == (0, 47) and ys.max() <= 20 and xs.min() >= 37
+
+
+def test_anamorphic_video_is_desqueezed_to_square_pixels(tmp_path):
+    """Stored 144x108 with 4:3 pixels = displayed 192x108 (16:9). Frames come out at the display aspect,
+    so geometry (square pixels) and the written guides are right."""
+    from fractions import Fraction
+
+    import av
+
+    stored = np.zeros((3, 108, 144, 3), np.uint8)
+    stored[:, :, 72:] = 255  # right half white: the edge is at the middle in any aspect
+    stored[:, 20:40, 36:72, 0] = 255  # a red block, stored x 36..72 = displayed 48..96
+    clip = write_clip(tmp_path / "anamorphic.mp4", stored, sample_aspect=Fraction(4, 3))
+    with av.open(str(clip)) as c:
+        assert c.streams.video[0].sample_aspect_ratio == Fraction(4, 3)  # PyAV wrote and reads it back
+
+    info = probe_video(clip)
+    assert (info.width, info.height, info.sample_aspect) == (192, 108, Fraction(4, 3))
+    assert info.stored_upright_size == (144, 108)
+    clip_frames = read_video(clip)
+    assert clip_frames.frames.shape == (3, 108, 192, 3) and clip_frames.source_size == (192, 108)
+    row = clip_frames.frames[0, 60, :, 1].astype(int)
+    assert abs(int(np.argmax(row > 127)) - 96) <= 1  # the edge stays in the middle
+    red = np.nonzero((clip_frames.frames[0, 30, :, 0] > 127) & (clip_frames.frames[0, 30, :, 1] < 128))[0]
+    assert abs(red.min() - 48) <= 1 and abs(red.max() - 95) <= 1  # the block is 48 wide, not 36
+    # fitted while decoding: through the display picture, both modes
+    half = read_video(clip, size=(96, 54)).frames
+    assert half.shape == (3, 54, 96, 3) and abs(int(np.argmax(half[0, 30, :, 1] > 127)) - 48) <= 1
+    square = read_video(clip, size=(108, 108), fit="crop").frames  # centre 108 of the 192 displayed
+    assert abs(int(np.argmax(square[0, 60, :, 1] > 127)) - 54) <= 1
+    assert np.abs(square[0].astype(int) - fit_frames(clip_frames.frames, 108, 108, "crop")[0]).mean() < 8
+
+
+def test_upside_down_clip_is_turned(tmp_path):
+    frames = np.zeros((2, 48, 64, 3), np.uint8)
+    frames[:, :10, :20] = 255  # top-left as stored
+    clip = with_display_rotation(write_video(tmp_path / "plain.mp4", frames, 10), tmp_path / "flipped.mp4", 180)
+    info = probe_video(clip)
+    assert (info.width, info.height, info.rotation) == (64, 48, 180)
+    ys, xs = np.nonzero(read_video(clip).frames[0, ..., 0] > 128)
+    assert ys.min() >= 37 and xs.min() >= 43 and (ys.max(), xs.max()) == (47, 63)  # now bottom-right

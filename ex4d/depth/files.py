@@ -5,7 +5,7 @@ units; the world of a shot is measured in these units (docs/architecture.md).
 
 * ``.npz``: ``depth`` float (T,H,W) (or (H,W) for one frame), optional ``K`` 3x3 in pixels of the
   depth maps' size. ``.npy``: the depth array alone.
-* 16-bit PNG sequence: a folder of ``*.png`` (sorted by name) or a glob such as ``depth/*.png``.
+* 16-bit PNG sequence: a folder of ``*.png`` (in natural order: depth_2 before depth_10) or a glob such as ``depth/*.png``.
   depth = PNG value x ``scale`` (default 1/1000: millimetres -> metres, as most depth cameras and
   datasets store them). 0 is "no depth" in those files and is refused like any other invalid value.
 * OpenEXR (optional ``openexr`` package): one file or a sequence (folder / glob of ``*.exr``), single-
@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import glob as globlib
 import os
+import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,16 +61,20 @@ def load_depth(path: str | os.PathLike, scale: float | None = None) -> DepthData
     if scale is not None and not (np.isfinite(scale) and scale > 0):
         raise InputError(f"--depth-scale must be a positive number, got {scale}")
     text = str(path)
-    if any(c in text for c in "*?["):
-        files = sorted(Path(p) for p in globlib.glob(text))
+    p = Path(path)
+    # An existing file or folder is itself even when its name has glob characters ('shot [v2]').
+    if not p.exists() and any(c in text for c in "*?["):
+        files = sorted(_glob_files(text), key=natural_sort_key)
         if not files:
             raise DepthError(f"no depth files match {text}")
         return _load_sequence(files, text, scale)
-    p = Path(path)
     if not p.exists():
         raise DepthError(f"depth file not found: {p}")
     if p.is_dir():
-        files = sorted(q for q in p.iterdir() if q.suffix.lower() in (".png", ".exr") and not q.name.startswith("."))
+        files = sorted(
+            (q for q in p.iterdir() if q.suffix.lower() in (".png", ".exr") and not q.name.startswith(".")),
+            key=natural_sort_key,
+        )
         if not files:
             raise DepthError(f"{p}: the folder has no .png or .exr depth images")
         return _load_sequence(files, str(p), scale)
@@ -80,6 +86,24 @@ def load_depth(path: str | os.PathLike, scale: float | None = None) -> DepthData
     if suffix in (".png", ".exr"):
         return _load_sequence([p], str(p), scale)
     raise DepthError(f"{p}: unknown depth format '{p.suffix}' (use .npz, .npy, a 16-bit PNG sequence or OpenEXR)")
+
+
+def natural_sort_key(path: str | os.PathLike) -> tuple:
+    """Sort key that compares digit runs as numbers: depth_2.png before depth_10.png, as frame
+    sequences without zero padding need. The plain text breaks ties (depth_01 vs depth_1)."""
+    text = str(path)
+    parts = re.split(r"(\d+)", text)
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(parts)), text
+
+
+def _glob_files(pattern: str) -> list[Path]:
+    """Files matching ``pattern``. If nothing matches and the pattern's folder exists as written
+    ('shot [v2]/*.png'), its brackets are names, not character classes: match in that folder."""
+    files = [Path(f) for f in globlib.glob(pattern)]
+    folder, name = os.path.split(pattern)
+    if not files and folder and os.path.isdir(folder):
+        files = [Path(f) for f in globlib.glob(os.path.join(globlib.escape(folder), name))]
+    return [f for f in files if f.is_file()]
 
 
 def _np_load(p: Path):
@@ -222,12 +246,19 @@ def check_depth(
     size: tuple[int, int],
     source: str = "depth",
     allow_longer: bool = False,
+    *,
+    stored_size: tuple[int, int] | None = None,
+    rotation: int = 0,
 ) -> np.ndarray:
-    """Check ``depth`` against a video of ``num_frames`` frames of ``size`` = (height, width).
+    """Check ``depth`` against a video of ``num_frames`` frames of ``size`` = (height, width) as displayed.
 
-    The depth may have another resolution with the same aspect ratio (it is resized later). With
-    ``allow_longer`` (the user cut the video with --frames) extra depth frames are dropped. Every
-    value must be finite and > 0. Returns float32 (num_frames, h, w).
+    The depth may have another resolution with the same aspect ratio (it is resized later). For an
+    anamorphic video, ``stored_size`` = (height, width) of its stored pixel grid (upright): depth with
+    that aspect covers the same picture in stored pixels and is accepted too. ``rotation`` (degrees the
+    video is turned for display) only adds a hint to the aspect error and, where the shape cannot show
+    a wrong orientation (180 degrees, square pictures), a warning. With ``allow_longer`` (the user cut
+    the video with --frames) extra depth frames are dropped. Every value must be finite and > 0.
+    Returns float32 (num_frames, h, w).
     """
     depth = np.asarray(depth)
     if depth.ndim != 3:
@@ -239,10 +270,27 @@ def check_depth(
             f"{source}: depth has {T} frame{'s' * (T != 1)} but the video has {num_frames}; "
             "give one depth map per video frame"
         )
-    if abs((w / h) / (W / H) - 1.0) > 0.01:
-        raise DepthError(
-            f"{source}: depth is {w}x{h} (aspect {w / h:.3f}) but the video is {W}x{H} (aspect {W / H:.3f}); "
-            "the depth maps must cover the same picture"
+    anamorphic = stored_size is not None and tuple(stored_size) != (H, W)
+    if not (_same_aspect(w, h, W, H) or (anamorphic and _same_aspect(w, h, stored_size[1], stored_size[0]))):
+        message = f"{source}: depth is {w}x{h} (aspect {w / h:.3f}) but the video is {W}x{H} (aspect {W / H:.3f})"
+        if anamorphic:
+            Hs, Ws = stored_size
+            message += (
+                f" as displayed ({Ws}x{Hs} stored, non-square pixels); give depth at {W}x{H} or {Ws}x{Hs} "
+                "(or either aspect at another resolution)"
+            )
+        else:
+            message += "; the depth maps must cover the same picture"
+        if rotation % 360:
+            message += (
+                f"; the video is rotated {_turn_words(rotation)} for display; depth must be in the displayed "
+                f"orientation ({W} wide, {H} high, or that aspect)"
+            )
+        raise DepthError(message)
+    if rotation % 360 == 180 or (rotation % 180 == 90 and _same_aspect(W, H, 1, 1)):
+        warnings.warn(
+            f"the video is rotated {_turn_words(rotation)} for display; the depth is used as given, so it must be "
+            "in the displayed (upright) orientation - depth made from the stored pictures would be misaligned"
         )
     depth = depth[:num_frames].astype(np.float32, copy=False)
     finite = np.isfinite(depth)
@@ -259,22 +307,28 @@ def check_depth(
     return depth
 
 
+def _turn_words(rotation: int) -> str:
+    """Counter-clockwise degrees (FFmpeg's sense) as a person says them: phones mostly turn clockwise."""
+    return {90: "90 degrees counter-clockwise", 180: "180 degrees", 270: "90 degrees clockwise"}.get(
+        rotation % 360, f"{rotation % 360} degrees"
+    )
+
+
+def _same_aspect(w: int, h: int, W: int, H: int) -> bool:
+    return abs((w / h) / (W / H) - 1.0) <= 0.01
+
+
 def fit_depth(depth: np.ndarray, video_size: tuple[int, int], width: int, height: int, mode: str = "resize") -> np.ndarray:
     """Bring (T,h,w) depth to the working size the way the video's frames are brought there.
 
     ``video_size`` = (width, height) of the source video. Depth at another resolution (same aspect) is
     first mapped onto the video's pixel grid, then cropped/resized through the same box.
     """
-    from ..video import apply_fit, fit_box
+    from ..video import apply_fit, box_in_pixels_of, fit_box
 
     vw, vh = video_size
     T, h, w = depth.shape
-    box = fit_box(vw, vh, width, height, mode)
-    if (w, h) != (vw, vh):
-        # The same box expressed in the depth's own pixels, rounded to whole pixels.
-        sx, sy = w / vw, h / vh
-        x0, y0 = round(box.x0 * sx), round(box.y0 * sy)
-        box = type(box)(x0, y0, max(1, min(w - x0, round(box.w * sx))), max(1, min(h - y0, round(box.h * sy))), width, height)
+    box = box_in_pixels_of(fit_box(vw, vh, width, height, mode), (vw, vh), (w, h))
     return apply_fit(depth, box, nearest=True).astype(np.float32, copy=False)
 
 
