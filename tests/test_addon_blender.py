@@ -185,7 +185,8 @@ def test_transforms_json_round_trip(run):
 def test_guides_render_and_settings_restored(run):
     s = ok(run, "render_guides")
     assert s["state"] == "done", s["message"]
-    assert s["engine_restored"]
+    assert s["engine_restored"] and s["clip_restored"]
+    assert s["scene_scale"] == 1.0  # a metre-scale shot (docs/geometry.md, "Scene scale")
     assert 0.2 < s["mask_fraction"] < 1.0
 
 

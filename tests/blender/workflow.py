@@ -282,13 +282,15 @@ def _():
     scene.camera = cam
     bpy.ops.ex4d.export_camera(filepath=os.path.join(OUT, "guide_camera.json"))
     engine_before = scene.render.engine
+    cam.data.clip_start, cam.data.clip_end = 0.5, 20.0  # an artist's own clip range: the render overrides it
     res = bpy.ops.ex4d.render_guides()
     took = harness.pump(scene, lambda: props.job_state != "running", 120, sleep_s=0)
     color, mask = harness.sub("blender.guides").load_guides(props.guides_dir, props.num_frames)
     np.savez(os.path.join(OUT, "guides_blender.npz"), color=color, mask=mask)
     return {"result": sorted(res), "state": props.job_state, "message": props.job_message, "took_s": took,
             "per_frame_s": took / props.num_frames, "engine_restored": scene.render.engine == engine_before,
-            "mask_fraction": float(mask.mean()), "dir": props.guides_dir}
+            "mask_fraction": float(mask.mean()), "dir": props.guides_dir, "scene_scale": props.scene_scale,
+            "clip_restored": [round(cam.data.clip_start, 6), round(cam.data.clip_end, 6)] == [0.5, 20.0]}
 
 
 @step("painted_validity")
