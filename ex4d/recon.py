@@ -259,7 +259,8 @@ def _write_guide_files(folder: Path, name: str, guides, path: CameraPath, fps: f
     files = {k: folder / v for k, v in names.items()}
     write_video(files["color"], color, fps)
     write_video(files["mask"], mask.astype(np.uint8) * 255, fps)
-    write_npz_atomic(files["render"], color=color, mask=mask)
+    # fps: so `ex4d generate --guides` writes the shot at the source's rate, not a guessed one
+    write_npz_atomic(files["render"], color=color, mask=mask, fps=np.float64(fps))
     write_transforms(path, files["cameras"])
     return files
 
