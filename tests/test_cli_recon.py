@@ -497,3 +497,12 @@ def test_camera_options_a_move_ignores_are_named(tmp_path, tiny_clip, capsys, ar
 def test_arc_with_its_own_angle_is_fine(tmp_path, tiny_clip, capsys):
     code, _, err = run_cli(_shot_args(tiny_clip, tmp_path / "out", "--frames", "2", "--cam", "30", "--angle", "30"), capsys)
     assert code == 0, err
+
+
+def test_client_run_checks_the_same_options_before_sending(tmp_path, tiny_clip, capsys):
+    """`ex4d client run` shares the camera options: the same errors, before any backend is contacted."""
+    for extra, expected in ((["--out", ""], "--out is empty"), (["--out", tmp_path / "o", "--angle", "nan"], "--angle must be a finite"),
+                            (["--out", tmp_path / "o", "--cam", "30", "--angle", "60"], "takes no --angle")):
+        code, _, err = run_cli(["client", "run", tiny_clip.video, "--depth", tiny_clip.depth_file, "--address",
+                                "tcp://127.0.0.1:9", *extra], capsys)
+        assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and expected in err, err
