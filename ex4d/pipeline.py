@@ -304,8 +304,12 @@ def write_shot(
     save_mesh: bool = False,
     progress: Progress | None = None,
 ) -> list[Path]:
-    """Guides (+ ``shot_<name>.mp4`` when generated, + the DW-mesh with ``save_mesh``), all or nothing."""
-    from .recon import _write_guide_files, check_guides, guide_file_names, staged_output, write_mesh_files
+    """Guides (+ ``shot_<name>.mp4`` when generated, + the DW-mesh with ``save_mesh``), all or nothing.
+
+    The files of one shot name are a set: files of an earlier set of ``name`` that this call does not
+    write (e.g. its shot, when only guides are written now) are removed in the same all-or-nothing move,
+    so nothing from other settings stays beside the new files."""
+    from .recon import _write_guide_files, check_guides, guide_file_names, shot_file_names, staged_output, write_mesh_files
     from .video import write_video
 
     check_name(name)
@@ -325,7 +329,7 @@ def write_shot(
         if progress:
             progress("write", step, total)
 
-    with staged_output(out_dir) as stage:
+    with staged_output(out_dir, replaces=shot_file_names(name)) as stage:
         if progress:
             progress("write", 0, total)
         _write_guide_files(stage, name, result.guides, result.path, fps)

@@ -21,7 +21,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -166,10 +166,14 @@ def check_name(name: str) -> str:
 
 
 @contextmanager
-def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
+def staged_output(out_dir: str | os.PathLike, replaces: Iterable[str] = ()) -> Iterator[Path]:
     """A hidden folder inside ``out_dir`` to write into; its files move into ``out_dir`` when the block
     ends without error, and it is removed either way. A newly made ``out_dir`` that stays empty after a
-    failure is removed too."""
+    failure is removed too.
+
+    ``replaces``: file names in ``out_dir`` that belong to the set being written (a shot's files, see
+    :func:`shot_file_names`); those the block did not write are removed once the new files are in
+    place, as part of the same all-or-nothing move, so no stale member of an earlier set stays behind."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {out_dir} exists and is not a folder")
@@ -182,7 +186,7 @@ def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
     try:
         stage.mkdir()
         yield stage
-        _move_all(stage, out_dir)
+        _move_all(stage, out_dir, replaces)
     except OSError as e:  # disk full, permissions, a vanished folder: one line, nothing left behind
         raise Ex4dError(f"cannot write the results to {out_dir} ({e.strerror or e})") from None
     finally:
@@ -191,25 +195,36 @@ def staged_output(out_dir: str | os.PathLike) -> Iterator[Path]:
             out_dir.rmdir()
 
 
-def _move_all(stage: Path, out_dir: Path) -> None:
-    """Move every file of ``stage`` into ``out_dir``; if one move fails, undo the others (older files
-    of the same names come back), so ``out_dir`` ends with all new files or none."""
+def _move_all(stage: Path, out_dir: Path, replaces: Iterable[str] = ()) -> None:
+    """Move every file of ``stage`` into ``out_dir``, then move the files named in ``replaces`` that
+    were not written aside; if one move fails, undo the others (older files of the same names come
+    back), so ``out_dir`` ends with the whole new set or the whole old one. What was moved aside is
+    deleted with the stage."""
     backup = stage / ".replaced"
     backup.mkdir()
-    moved: list[tuple[Path, Path | None]] = []
+    new = sorted(p for p in stage.iterdir() if p != backup)
+    written = {p.name for p in new}
+    stale = [out_dir / n for n in dict.fromkeys(replaces) if n not in written]
+    moved: list[tuple[Path | None, Path, Path | None]] = []  # (new file placed, its target, the old file's backup)
     try:
-        for item in sorted(p for p in stage.iterdir() if p != backup):
+        for item in new:
             target = out_dir / item.name
             old = None
             if target.is_file() or target.is_symlink():
                 old = backup / item.name
                 os.replace(target, old)
             os.replace(item, target)
-            moved.append((target, old))
+            moved.append((item, target, old))
+        for target in stale:  # only after every new file is in place
+            if target.is_file() or target.is_symlink():
+                old = backup / target.name
+                os.replace(target, old)
+                moved.append((None, target, old))
     except OSError:
-        for target, old in reversed(moved):
+        for item, target, old in reversed(moved):
             try:
-                target.unlink()
+                if item is not None:
+                    target.unlink()
                 if old is not None:
                     os.replace(old, target)
             except OSError:
@@ -226,6 +241,16 @@ def guide_file_names(name: str) -> dict[str, str]:
     }
 
 
+def mesh_file_names(name: str) -> dict[str, str]:
+    return {"mesh": f"dwmesh_{name}.npz", "ply": f"dwmesh_{name}_frame0.ply"}
+
+
+def shot_file_names(name: str) -> list[str]:
+    """Every file a shot called ``name`` can have in its folder. They form one set: writing a shot of
+    that name replaces the whole set, so guides, cameras, mesh and shot always belong together."""
+    return [*guide_file_names(name).values(), f"shot_{name}.mp4", *mesh_file_names(name).values()]
+
+
 def _write_guide_files(folder: Path, name: str, guides, path: CameraPath, fps: float) -> dict[str, Path]:
     from .video import write_npz_atomic, write_video
 
@@ -234,19 +259,21 @@ def _write_guide_files(folder: Path, name: str, guides, path: CameraPath, fps: f
     files = {k: folder / v for k, v in names.items()}
     write_video(files["color"], color, fps)
     write_video(files["mask"], mask.astype(np.uint8) * 255, fps)
-    write_npz_atomic(files["render"], color=color, mask=mask)
+    # fps: so `ex4d generate --guides` writes the shot at the source's rate, not a guessed one
+    write_npz_atomic(files["render"], color=color, mask=mask, fps=np.float64(fps))
     write_transforms(path, files["cameras"])
     return files
 
 
 def write_guides(out_dir: str | os.PathLike, name: str, guides, path: CameraPath, fps: float) -> dict[str, Path]:
-    """Write the four guide files for ``name`` into ``out_dir`` (all or nothing). Returns their paths."""
+    """Write the four guide files for ``name`` into ``out_dir`` (all or nothing) and remove the rest of
+    an earlier set of that name (its shot and mesh, made from other guides). Returns their paths."""
     check_name(name)
     T, H, W = np.asarray(guides.mask).shape
     check_guides(guides, T, H, W)
     if len(path) != T:
         raise InputError(f"camera path has {len(path)} frames but the guides have {T}")
-    with staged_output(out_dir) as stage:
+    with staged_output(out_dir, replaces=shot_file_names(name)) as stage:
         _write_guide_files(stage, name, guides, path, fps)
     return {k: Path(out_dir) / v for k, v in guide_file_names(name).items()}
 
@@ -257,7 +284,7 @@ def write_mesh_files(folder: str | os.PathLike, name: str, mesh, frames: np.ndar
     from . import dwmesh
 
     folder = Path(folder)
-    files = {"mesh": folder / f"dwmesh_{name}.npz", "ply": folder / f"dwmesh_{name}_frame0.ply"}
+    files = {k: folder / v for k, v in mesh_file_names(name).items()}
     dwmesh.save_npz(mesh, files["mesh"])  # both write atomically themselves
     dwmesh.save_ply(mesh, files["ply"], frame_rgb=np.asarray(frames[0]), t=0)
     return files

@@ -183,6 +183,13 @@ def bad_inputs(tmp_path, tiny_clip):
     cases["bad_size"] = (good + ["--size", "big"], "512x512")
     cases["bad_name"] = (good + ["--name", "../escape"], "shot name")
     cases["negative_focal"] = (good + ["--focal", "-5"], "--focal")
+    cases["angle_nan"] = (good + ["--angle", "nan"], "--angle must be a finite number")
+    cases["distance_nan"] = (good + ["--cam", "zoom_in", "--distance", "nan"], "--distance must be a finite number")
+    cases["distance_negative"] = (good + ["--cam", "zoom_in", "--distance", "-1"], "--distance must be greater than 0")
+    cases["fov_inf"] = (good + ["--fov", "inf"], "--fov must be a finite number")
+    cases["device_string"] = (good + ["--device", "gpu0"], "--device gpu0: not a device name")
+    cases["arc_with_angle"] = (good + ["--cam", "30", "--angle", "60"], "--cam 30 is EX-4D's fixed arc and takes no --angle")
+    cases["empty_cam"] = (good + ["--cam", ""], "--cam is empty")
     return cases
 
 
@@ -190,7 +197,8 @@ BAD_CASES = [
     "unreadable_video", "empty_video", "missing_video", "depth_shape", "depth_frames", "depth_longer", "depth_zero",
     "depth_negative", "depth_nan", "depth_missing_key", "no_depth", "traj_matrix_shape", "traj_missing_matrix",
     "traj_missing_size", "traj_missing_focal", "traj_too_short", "traj_aspect", "traj_missing_file", "unknown_preset",
-    "angle_too_big", "too_many_frames", "odd_size", "bad_size", "bad_name", "negative_focal",
+    "angle_too_big", "too_many_frames", "odd_size", "bad_size", "bad_name", "negative_focal", "angle_nan", "distance_nan",
+    "distance_negative", "fov_inf", "device_string", "arc_with_angle", "empty_cam",
 ]
 
 
@@ -376,3 +384,155 @@ def test_large_size_warning_suggests_the_clips_own_aspect(tmp_path):
     write_npz_atomic(tmp_path / "d.npz", depth=depth)
     with pytest.warns(UserWarning, match=r"--size 384x512 for a quicker preview"):
         load_shot_inputs(tmp_path / "portrait.mp4", depth=tmp_path / "d.npz", size=(1080, 1440))
+
+
+# ------------------------------------------------------------------------------ output safety, set of a shot
+
+
+def _shot_args(tiny_clip, out, *extra, video=None, depth=None, command="recon"):
+    return [command, video or tiny_clip.video, "--depth", depth or tiny_clip.depth_file, "--out", out, "--quiet", *extra]
+
+
+@pytest.mark.parametrize("command, video_name, depth_name", [
+    ("run", "shot_orbit_right.mp4", None),  # the output shot would be written over the input video
+    ("recon", None, "render_orbit_right.npz"),  # the guides npz over the depth file
+    ("recon", "shot_orbit_right.mp4", None),  # recon would remove that shot as a stale member of the set
+])
+def test_output_that_is_an_input_is_refused_before_any_work(tmp_path, tiny_clip, capsys, command, video_name, depth_name):
+    out = tmp_path / "out"
+    out.mkdir()
+    video, depth = tiny_clip.video, tiny_clip.depth_file
+    if video_name:
+        video = out / video_name
+        video.write_bytes(tiny_clip.video.read_bytes())
+    if depth_name:
+        depth = out / depth_name
+        depth.write_bytes(tiny_clip.depth_file.read_bytes())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = run_cli(_shot_args(tiny_clip, out, video=video, depth=depth, command=command), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: --out:") and "would destroy it" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_output_through_a_symlinked_folder_is_still_the_input(tmp_path, tiny_clip, capsys):
+    footage = tmp_path / "footage"
+    footage.mkdir()
+    video = footage / "shot_orbit_right.mp4"
+    video.write_bytes(tiny_clip.video.read_bytes())
+    (tmp_path / "link").symlink_to(footage)
+    code, _, err = run_cli(_shot_args(tiny_clip, tmp_path / "link", video=video, command="run"), capsys)
+    assert code == 2 and "would destroy it" in err
+    assert video.read_bytes() == tiny_clip.video.read_bytes()
+
+
+def test_empty_out_is_an_error_not_the_current_folder(tmp_path, tiny_clip, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(_shot_args(tiny_clip, ""), capsys)
+    assert code == 2 and err.strip() == "error: --out is empty (an unset shell variable?); give a path"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_run_of_a_name_replaces_its_whole_set(tmp_path, tiny_clip, capsys):
+    """run --angle 30, then recon --angle 60 --frames 3 of the same name: the earlier shot (8 frames at 30
+    degrees) must not stay beside guides of 3 frames at 60; --name keeps both."""
+    out = tmp_path / "out"
+    code, _, err = run_cli(_shot_args(tiny_clip, out, "--angle", "30", "--save-mesh", command="run"), capsys)
+    assert code == 0, err
+    assert (out / "shot_orbit_right.mp4").is_file() and (out / "dwmesh_orbit_right.npz").is_file()
+    (out / "notes.txt").write_text("the artist's")  # not part of the set: untouched
+    code, stdout, err = run_cli(_shot_args(tiny_clip, out, "--angle", "60", "--frames", "3"), capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.format(n="orbit_right") for p in GUIDE_FILES] + ["notes.txt"])
+    assert probe_video(out / "color_orbit_right.mp4").num_frames == 3
+    assert read_transforms(out / "cameras_orbit_right.json").meta.get("angle_deg", 60) == 60
+    line = stdout.strip().splitlines()[-1]
+    assert line == (f"replaced the earlier 'orbit_right' shot in {out}; removed shot_orbit_right.mp4, dwmesh_orbit_right.npz, "
+                    "dwmesh_orbit_right_frame0.ply (not made by this run); pass --name to keep both"), line
+    code, stdout, err = run_cli(_shot_args(tiny_clip, out, "--angle", "45", "--name", "orbit_right_45"), capsys)
+    assert code == 0 and "replaced" not in stdout
+    assert (out / "color_orbit_right.mp4").is_file() and (out / "color_orbit_right_45.mp4").is_file()
+
+
+def test_stale_members_stay_when_writing_fails(tmp_path):
+    """The set is replaced all or nothing: a failed write removes no stale member of the earlier set."""
+    from ex4d.errors import Ex4dError
+    from ex4d.recon import write_guides
+    from ex4d.render import Guides
+
+    T, H, W = 2, 8, 10
+    guides = Guides(np.zeros((T, H, W, 3), np.uint8), np.ones((T, H, W), bool), np.zeros((T, H, W), np.float32))
+    path = CameraPath(np.repeat(np.eye(4)[None], T, 0), Intrinsics.from_focal(10, W, H).K, W, H, name="x")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shot_x.mp4").write_bytes(b"earlier shot")
+    (out / "render_x.npz").mkdir()  # the new render_x.npz cannot be moved there
+    (out / "render_x.npz" / "keep").write_text("")
+    with pytest.raises(Ex4dError, match="cannot write the results"):
+        write_guides(out, "x", guides, path, 10.0)
+    assert sorted(p.name for p in out.iterdir()) == ["render_x.npz", "shot_x.mp4"]
+    (out / "render_x.npz" / "keep").unlink()
+    (out / "render_x.npz").rmdir()
+    write_guides(out, "x", guides, path, 10.0)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.format(n="x") for p in GUIDE_FILES)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--out", "{file}"], "exists and is not a folder"),
+    (["--out", "{file}/sub"], "is a file, so the folder cannot be created"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--frames", "0"], "--frames must be at least 1"),
+    (["--vram-limit", "nan"], "--vram-limit must be a finite number"),
+])
+def test_cheap_checks_come_before_reading_the_video(tmp_path, capsys, args, expected):
+    """The video here is not readable: the error must be about the option, found before decoding."""
+    bad_video = tmp_path / "text.mp4"
+    bad_video.write_text("not a video")
+    (tmp_path / "file").write_text("a file")
+    args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
+    out = [] if "--out" in args else ["--out", tmp_path / "out"]
+    code, _, err = run_cli(["run", bad_video, "--depth", tmp_path / "d.npz", *out, *args, "--quiet"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and expected in err, err
+    assert (tmp_path / "file").read_text() == "a file"
+
+
+def test_generator_name_is_checked_by_the_parser(tmp_path, tiny_clip, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(tiny_clip.video), "--depth", str(tiny_clip.depth_file), "--generator", "Draft", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert "invalid choice: 'Draft'" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_device_cuda_without_a_gpu(tmp_path, tiny_clip, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    code, _, err = run_cli(_shot_args(tiny_clip, tmp_path / "out", "--device", "cuda"), capsys)
+    assert code == 2 and err.strip() == "error: --device cuda: no CUDA GPU is available here; use --device cpu"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, warning", [
+    (["--cam", "dolly_left", "--angle", "20"], "--angle is ignored by --cam dolly_left"),
+    (["--cam", "orbit_right", "--distance", "1"], "--distance is ignored by --cam orbit_right"),
+    (["--cam", "60", "--distance", "1"], "--distance is ignored by --cam 60"),
+])
+def test_camera_options_a_move_ignores_are_named(tmp_path, tiny_clip, capsys, args, warning):
+    with pytest.warns(UserWarning, match=warning):
+        code, _, err = run_cli(_shot_args(tiny_clip, tmp_path / "out", "--frames", "2", *args), capsys)
+    assert code == 0, err
+
+
+def test_arc_with_its_own_angle_is_fine(tmp_path, tiny_clip, capsys):
+    code, _, err = run_cli(_shot_args(tiny_clip, tmp_path / "out", "--frames", "2", "--cam", "30", "--angle", "30"), capsys)
+    assert code == 0, err
+
+
+def test_client_run_checks_the_same_options_before_sending(tmp_path, tiny_clip, capsys):
+    """`ex4d client run` shares the camera options: the same errors, before any backend is contacted."""
+    for extra, expected in ((["--out", ""], "--out is empty"), (["--out", tmp_path / "o", "--angle", "nan"], "--angle must be a finite"),
+                            (["--out", tmp_path / "o", "--cam", "30", "--angle", "60"], "takes no --angle")):
+        code, _, err = run_cli(["client", "run", tiny_clip.video, "--depth", tiny_clip.depth_file, "--address",
+                                "tcp://127.0.0.1:9", *extra], capsys)
+        assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and expected in err, err

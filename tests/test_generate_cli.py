@@ -78,6 +78,15 @@ def test_cli_draft_from_lossless_guides_keeps_valid_pixels(guides, tmp_path, cap
     (("--mask-video", "mask.mp4", "--frames", "12"), "--frames 12 asks for more frames than the guides have (9)"),
     (("--mask-video", "mask.mp4", "--size", "big"), "--size must look like 512x512"),
     (("--mask-video", "mask.mp4", "--generator", "ex4d", "--models", "{tmp}/none"), "missing 12 weight file(s)"),
+    (("--mask-video", "mask.mp4", "--fps", "0"), "--fps must be greater than 0"),
+    (("--mask-video", "mask.mp4", "--fps", "-24"), "--fps must be greater than 0"),
+    (("--mask-video", "mask.mp4", "--fps", "nan"), "--fps must be a finite number"),
+    (("--mask-video", "mask.mp4", "--mask-threshold", "2"), "--mask-threshold must be between 0 and 1"),
+    (("--mask-video", "mask.mp4", "--mask-threshold", "nan"), "--mask-threshold must be a finite number"),
+    (("--mask-video", "mask.mp4", "--size", "97x65"), "--size 97x65: width and height must be even numbers"),
+    (("--mask-video", "mask.mp4", "--steps", "0"), "--steps must be at least 1"),
+    (("--mask-video", "mask.mp4", "--cfg", "inf"), "--cfg must be a finite number"),
+    (("--mask-video", "mask.mp4", "--device", "gpu0"), "--device gpu0: not a device name"),
 ])
 def test_cli_input_errors(guides, tmp_path, capsys, args, message):
     d, _, _ = guides
@@ -134,3 +143,85 @@ def test_bench_arguments_and_tiny_cpu_run(tmp_path, capsys, one_thread):
     assert preview["skipped_forwards"] == 2 and preview["forwards"] == 6  # the middle step of 3, both branches
     assert preview["psnr_db_vs"]["resident"] < 100.0
     assert set(json.loads(capsys.readouterr().out)["configs"]) == set(configs)
+
+
+def _generate_errors(capsys, *args) -> str:
+    code, stdout, err = run(capsys, *args)
+    assert code == 2 and "Traceback" not in err and not stdout, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    return err.strip()
+
+
+def test_truncated_guides_npz_is_one_line_naming_the_file(guides, tmp_path, capsys):
+    d, _, _ = guides
+    trunc = tmp_path / "trunc.npz"
+    data = (d / "render.npz").read_bytes()
+    trunc.write_bytes(data[: len(data) // 2])
+    err = _generate_errors(capsys, "--guides", trunc, "--generator", "draft", "--out", tmp_path / "x.mp4")
+    assert err == f"error: --guides {trunc}: not a complete .npz file (truncated or corrupt)"
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_out_problems_are_found_before_loading_guides_or_models(guides, tmp_path, capsys):
+    """ex4d with missing weights would fail too: the --out problem must be what is reported, first."""
+    d, _, _ = guides
+    common = ["--color-video", d / "color.mp4", "--mask-video", d / "mask.mp4", "--generator", "ex4d", "--models", tmp_path / "none"]
+    err = _generate_errors(capsys, *common, "--out", tmp_path)
+    assert err == f"error: --out {tmp_path} is a folder; give a file name"
+    err = _generate_errors(capsys, *common, "--out", tmp_path / "missing" / "x.mp4")
+    assert "does not exist" in err
+    err = _generate_errors(capsys, *common, "--out", "")
+    assert err == "error: --out is empty (an unset shell variable?); give a path"
+
+
+def test_out_that_is_an_input_is_refused(guides, tmp_path, capsys):
+    d, _, _ = guides
+    colour = tmp_path / "color.mp4"
+    colour.write_bytes((d / "color.mp4").read_bytes())
+    err = _generate_errors(capsys, "--color-video", colour, "--mask-video", d / "mask.mp4", "--generator", "draft",
+                           "--out", colour)
+    assert "would destroy it" in err
+    assert colour.read_bytes() == (d / "color.mp4").read_bytes()
+
+
+def test_guides_npz_keeps_the_source_frame_rate(guides, tmp_path, capsys):
+    """recon stores the source fps in render_<name>.npz; generate writes the shot at that rate
+    (23.976 fps footage must not come back 15 fps and 1.6x too long), unless --fps says otherwise."""
+    d, color, mask = guides
+    np.savez(tmp_path / "render.npz", color=color, mask=mask, fps=np.float64(24000 / 1001))
+    code, stdout, err = run(capsys, "--guides", tmp_path / "render.npz", "--generator", "draft", "--out", tmp_path / "a.mp4")
+    assert code == 0, err
+    assert abs(read_video(tmp_path / "a.mp4").fps - 24000 / 1001) < 1e-3
+    assert "23.976 fps" in stdout
+    code, _, err = run(capsys, "--guides", tmp_path / "render.npz", "--generator", "draft", "--fps", "30", "--out", tmp_path / "b.mp4")
+    assert code == 0, err
+    assert abs(read_video(tmp_path / "b.mp4").fps - 30) < 1e-6
+
+
+def test_old_guides_npz_without_fps_warns_and_writes_15(guides, tmp_path, capsys):
+    d, _, _ = guides
+    with pytest.warns(UserWarning, match="stores no frame rate.*15 fps: pass --fps"):
+        code, _, err = run(capsys, "--guides", d / "render.npz", "--generator", "draft", "--out", tmp_path / "a.mp4")
+    assert code == 0, err
+    assert abs(read_video(tmp_path / "a.mp4").fps - 15) < 1e-6
+
+
+def test_recon_guides_store_the_video_fps(tmp_path, tiny_clip):
+    from ex4d.pipeline import load_shot_inputs, make_camera_path, run_shot, write_shot
+
+    inputs = load_shot_inputs(tiny_clip.video, depth=tiny_clip.depth_file, num_frames=2)
+    path = make_camera_path(inputs.num_frames, inputs.intrinsics, inputs.depth[0], cam="orbit_right")
+    write_shot(tmp_path, "x", run_shot(inputs.frames, inputs.depth, inputs.intrinsics, path, renderer="torch", device="cpu"), inputs.fps)
+    with np.load(tmp_path / "render_x.npz") as z:
+        assert float(z["fps"]) == pytest.approx(tiny_clip.fps)
+
+
+def test_odd_guides_print_the_size_written(tmp_path, capsys):
+    """Guides of an odd size are padded by the encoder: the summary says the size in the file."""
+    rng = np.random.default_rng(1)
+    color = rng.integers(0, 256, (3, 33, 47, 3), dtype=np.uint8)
+    np.savez(tmp_path / "odd.npz", color=color, mask=np.ones((3, 33, 47), bool), fps=np.float64(10))
+    with pytest.warns(UserWarning, match="padded 47x33 to 48x34"):
+        code, stdout, err = run(capsys, "--guides", tmp_path / "odd.npz", "--generator", "draft", "--out", tmp_path / "o.mp4")
+    assert code == 0, err
+    assert "48x34" in stdout and read_video(tmp_path / "o.mp4").frames.shape[1:3] == (34, 48)

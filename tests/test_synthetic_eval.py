@@ -74,6 +74,39 @@ def test_eval_command_runs(capsys):
     assert main(["eval", "--methods", "nope", "--size", "32x24"]) == 2
 
 
+QUICK_EVAL = ["eval", "--angles", "30", "--paths", "orbit", "--methods", "ours", "--size", "32x24", "--frames", "2"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scenes", "-1"], "error: --scenes: seeds must be 0 or more, got -1"),
+    (["--scenes", ""], "error: --scenes is empty; give scene seeds such as 0,1,2"),
+    (["--scenes", "1", "--json", "{tmp}/missing/x.json"], "error: --json {tmp}/missing/x.json: the folder {tmp}/missing does not exist"),
+    (["--scenes", "1", "--json", "{tmp}"], "error: --json {tmp} is a folder; give a file name"),
+    (["--scenes", "1", "--json", ""], "error: --json is empty (an unset shell variable?); give a path"),
+])
+def test_eval_bad_arguments_fail_first_in_one_line(tmp_path, capsys, args, message):
+    from ex4d.cli import main
+
+    (tmp_path / "keep.txt").write_text("")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main([*QUICK_EVAL, *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == message.replace("{tmp}", str(tmp_path)), captured.err  # before the run: no progress bar
+    assert not captured.out
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]  # no stray temporary file
+
+
+def test_eval_json_is_written_without_temporary_files(tmp_path, capsys):
+    import json
+
+    from ex4d.cli import main
+
+    assert main([*QUICK_EVAL, "--scenes", "1", "--json", str(tmp_path / "rows.json")]) == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert rows and rows[0]["seed"] == 1 and rows[0]["method"] == "ours"
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.json"]
+
+
 def test_make_example_is_small_and_readable(tmp_path):
     import av
 

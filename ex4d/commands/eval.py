@@ -47,6 +47,7 @@ def _run(args) -> int:
 
     from ..errors import InputError
     from ..evaluate import FAMILIES, METHODS, evaluate, format_table, summarize
+    from ._checks import check_output_file, check_path_given
 
     families = tuple(f.strip() for f in args.paths.split(",") if f.strip())
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -56,6 +57,16 @@ def _run(args) -> int:
     for m in methods:
         if m not in METHODS:
             raise InputError(f"unknown method '{m}' (one of {', '.join(METHODS)})")
+    if not args.scenes:
+        raise InputError("--scenes is empty; give scene seeds such as 0,1,2")
+    if any(seed < 0 for seed in args.scenes):
+        raise InputError(f"--scenes: seeds must be 0 or more, got {', '.join(str(v) for v in args.scenes if v < 0)}")
+    if not args.angles:
+        raise InputError("--angles is empty; give angles such as 30,60,90")
+    if not families:
+        raise InputError("--paths is empty; give orbit and/or ex4d")
+    if not methods:
+        raise InputError(f"--methods is empty; give some of {', '.join(METHODS)}")
     if any(a <= 0 or a > 90 for a in args.angles):
         raise InputError("angles must be between 1 and 90 degrees")
     if args.frames < 2:
@@ -63,6 +74,9 @@ def _run(args) -> int:
     w, h = args.size
     if w < 8 or h < 8:
         raise InputError("--size must be at least 8x8")
+    if args.json is not None:  # before the run: a bad path must not cost the whole evaluation
+        check_path_given(args.json, "--json")
+        check_output_file(args.json, "--json")
 
     from tqdm import tqdm
 
@@ -86,8 +100,13 @@ def _run(args) -> int:
     if args.json:
         from dataclasses import asdict
 
-        out = [{k: (asdict(v) if k == "score" else v) for k, v in r.items()} for r in rows]
-        from ..camera import atomic_write_text
+        from ..errors import Ex4dError
+        from ..video import atomic_path
 
-        atomic_write_text(args.json, json.dumps(out, indent=1))
+        out = [{k: (asdict(v) if k == "score" else v) for k, v in r.items()} for r in rows]
+        try:
+            with atomic_path(args.json) as tmp:  # removes its temporary file when anything fails
+                tmp.write_text(json.dumps(out, indent=1))
+        except OSError as e:
+            raise Ex4dError(f"cannot write --json {args.json} ({e.strerror or e})") from None
     return 0

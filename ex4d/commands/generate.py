@@ -34,10 +34,10 @@ def register(sub) -> None:
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 5)")
     p.add_argument("--seed", type=int, default=0, help="random seed: noise and mask erosion (default 0)")
     p.add_argument("--frames", type=int, metavar="N", help="use only the first N frames")
-    p.add_argument("--size", metavar="WxH", help="resize the guides to this size first (the release uses 512x512)")
-    p.add_argument("--mask-threshold", type=float, default=0.5, help="grey mask pixels above this share of white count as valid (default 0.5, the release's)")
+    p.add_argument("--size", metavar="WxH", help="resize the guides to this size first, even numbers (the release uses 512x512)")
+    p.add_argument("--mask-threshold", type=float, default=0.5, help="grey mask pixels above this share of white count as valid, 0..1 (default 0.5, the release's)")
     p.add_argument("--strict-mask", action="store_true", help="refuse a mask video that is not strictly black/white")
-    p.add_argument("--fps", type=float, help="output frame rate (default: the colour video's; 15 for a .npz)")
+    p.add_argument("--fps", type=float, help="output frame rate (default: the colour video's, or the one the .npz stores; 15 for an .npz without one)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -100,11 +100,47 @@ def parse_size(text: str) -> tuple[int, int]:
         raise InputError(f"--size must look like 512x512, got {text!r}") from None
     if w < 16 or h < 16:
         raise InputError(f"--size must be at least 16x16, got {text}")
+    if w % 2 or h % 2:  # H.264 yuv420p: the encoder would pad to the next even size
+        raise InputError(f"--size {w}x{h}: width and height must be even numbers (H.264 yuv420p), e.g. {w - w % 2}x{h - h % 2}")
     return w, h
+
+
+NPZ_DEFAULT_FPS = 15.0  # the release's rate; only for guides files written before they stored theirs
+
+
+def read_guides_npz(path: str, mask_threshold: float, strict_mask: bool) -> tuple:
+    """-> (colour, mask, fps or None) from a render_<name>.npz; any unreadable file is one InputError."""
+    import zipfile
+    import zlib
+
+    import numpy as np
+
+    from ..errors import InputError
+    from ..generate.conditioning import mask_from_gray
+
+    try:
+        with np.load(path) as data:
+            color, mask = np.asarray(data["color"]), np.asarray(data["mask"])
+            fps = float(data["fps"]) if "fps" in data.files else None
+    except FileNotFoundError:
+        raise InputError(f"--guides {path}: file not found") from None
+    except KeyError as e:
+        raise InputError(f"--guides {path}: no {e} array (expected 'color' and 'mask', as render_<name>.npz has)") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError):
+        raise InputError(f"--guides {path}: not a complete .npz file (truncated or corrupt)") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError(f"--guides {path}: cannot read it ({e})") from None
+    if fps is not None and not (np.isfinite(fps) and fps > 0):
+        fps = None
+    if mask.dtype != np.bool_:
+        mask = mask_from_gray(mask, mask_threshold, strict_mask)
+    return color, mask, fps
 
 
 def load_guides(args) -> tuple:
     """-> (colour (T,H,W,3) uint8, mask (T,H,W) bool, fps) from the arguments, checked."""
+    import warnings
+
     import numpy as np
 
     from ..errors import InputError
@@ -114,14 +150,12 @@ def load_guides(args) -> tuple:
     if args.guides:
         if args.color_video or args.mask_video:
             raise InputError("give either --guides or --color-video with --mask-video, not both")
-        try:
-            with np.load(args.guides) as data:
-                color, mask = np.asarray(data["color"]), np.asarray(data["mask"])
-        except (OSError, ValueError, KeyError) as e:
-            raise InputError(f"cannot read guides {args.guides}: {e}") from None
-        if mask.dtype != np.bool_:
-            mask = mask_from_gray(mask, args.mask_threshold, args.strict_mask)
-        fps = 15.0
+        color, mask, fps = read_guides_npz(args.guides, args.mask_threshold, args.strict_mask)
+        if fps is None:
+            fps = NPZ_DEFAULT_FPS
+            if getattr(args, "fps", None) is None:
+                warnings.warn(f"{args.guides} stores no frame rate (written by an older ex4d); writing "
+                              f"{NPZ_DEFAULT_FPS:g} fps: pass --fps to match the source")
     else:
         if not (args.color_video and args.mask_video):
             raise InputError("give --color-video and --mask-video (or --guides NPZ)")
@@ -153,11 +187,33 @@ def load_guides(args) -> tuple:
     return np.ascontiguousarray(color), np.ascontiguousarray(mask), fps
 
 
+def check_generate_arguments(args) -> str | None:
+    """Everything about the options that needs no guides and no model, before either is loaded.
+    Returns the torch device to use."""
+    from ._checks import (
+        check_device, check_not_overwriting_inputs, check_numbers, check_output_file, check_path_given, input_files,
+    )
+
+    check_path_given(args.out)
+    for option in ("guides", "color_video", "mask_video"):
+        check_path_given(getattr(args, option), "--" + option.replace("_", "-"))
+    check_numbers(args, steps="count", frames="count", cfg="finite", fps="positive", mask_threshold="unit",
+                  vram_limit="non_negative", preview_cache="non_negative")
+    if args.size:
+        parse_size(args.size)
+    check_output_file(args.out)
+    check_not_overwriting_inputs([args.out], input_files(args.guides, args.color_video, args.mask_video))
+    if args.device is None and args.generator == "draft":
+        return None  # the draft fill runs on the CPU: no torch needed to pick a device
+    return check_device(args.device)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..generate import load_generator
 
+    device = check_generate_arguments(args)
     color, mask, fps = load_guides(args)
-    generator = load_generator(args.generator, models_dir=args.models, device=args.device, **generator_kwargs(args))
+    generator = load_generator(args.generator, models_dir=args.models, device=device, **generator_kwargs(args))
 
     from tqdm import tqdm
 
@@ -178,10 +234,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     finally:
         for bar in bars.values():
             bar.close()
-    from ..video import write_video
+    from ..video import even_size, write_video
 
     if hasattr(generator, "metadata"):
         print_generation_summary(generator.metadata())
-    path = write_video(args.out, out, fps=args.fps or fps)
-    print(f"wrote {path} ({out.shape[0]} frames, {out.shape[2]}x{out.shape[1]}, generator {args.generator})")
+    fps = args.fps if args.fps is not None else fps
+    path = write_video(args.out, out, fps=fps)
+    W, H = even_size(out.shape[2], out.shape[1])  # what the encoder wrote (guides of an odd size are padded)
+    print(f"wrote {path} ({out.shape[0]} frames, {W}x{H}, {fps:g} fps, generator {args.generator})")
     return 0

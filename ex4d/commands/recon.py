@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from pathlib import Path
 
 PRESET_HELP = (
     "camera move: orbit_left/right/up/down, zoom_in/out, dolly_left/right, crane_up/down, "
@@ -45,7 +47,9 @@ def register(sub) -> None:
     )
     add_recon_arguments(run)
     gen = run.add_argument_group("generation")
-    gen.add_argument("--generator", default="draft", help="draft (classical fill, CPU), ex4d (Wan2.1-I2V-14B + EX-4D adapter) or tiny (test model); default draft")
+    from ..generate.settings import GENERATOR_NAMES
+
+    gen.add_argument("--generator", default="draft", choices=GENERATOR_NAMES, help="draft (classical fill, CPU), ex4d (Wan2.1-I2V-14B + EX-4D adapter) or tiny (test model); default draft")
     gen.add_argument("--models", metavar="DIR", help="folder with the model weights (laid out as the public releases)")
     from .generate import add_generator_options
 
@@ -116,34 +120,85 @@ class TqdmProgress:
             self.bar = None
 
 
-def _device(name: str | None) -> str:
-    if name:
-        return name
-    import torch
+ORBIT_PRESETS = ("orbit_left", "orbit_right", "orbit_up", "orbit_down")
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def check_camera_options(args) -> None:
+    """Refuse contradictory camera options and say which given ones a move ignores (camera.py applies
+    --angle only to orbit_* and --distance only to zoom/dolly/crane, and would ignore them silently)."""
+    from ..camera import PRESETS
+    from ..errors import InputError
+
+    cam = args.cam
+    if cam is not None and not cam.strip():
+        raise InputError(f"--cam is empty (an unset shell variable?); choose one of: {', '.join(PRESETS)}")
+    if args.trajectory is not None:
+        for option, value in (("--angle", args.angle), ("--distance", args.distance)):
+            if value is not None:
+                warnings.warn(f"{option} is ignored with --trajectory (the camera file is the whole move)")
+        return
+    cam = cam or "orbit_right"
+    if _is_number(cam):  # EX-4D's arcs: the angle is the preset itself
+        if args.angle is not None and (cam == "180" or float(cam) != args.angle):
+            raise InputError(
+                f"--cam {cam} is EX-4D's fixed arc and takes no --angle (got --angle {args.angle:g}); "
+                f"use --cam {args.angle:g} for that arc, or --cam orbit_right --angle {args.angle:g}"
+            )
+        if args.distance is not None:
+            warnings.warn(f"--distance is ignored by --cam {cam} (EX-4D's arcs orbit at min depth + 0.15)")
+    elif cam in ORBIT_PRESETS:
+        if args.distance is not None:
+            warnings.warn(f"--distance is ignored by --cam {cam} (orbits keep their distance to the pivot; --angle sets the move)")
+    elif cam in PRESETS:
+        if args.angle is not None:
+            warnings.warn(f"--angle is ignored by --cam {cam} (it moves by --distance; orbits use --angle)")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _recon_or_run(args, generate: bool) -> int:
-    from ..pipeline import load_shot_inputs, make_camera_path, parse_size, run_shot, write_shot
-    from ..recon import check_name
+    from ..camera import read_transforms
+    from ..pipeline import DEFAULT_PRESET, load_shot_inputs, make_camera_path, parse_size, run_shot, write_shot
+    from ..recon import check_name, shot_file_names
+    from ._checks import (
+        check_device, check_not_overwriting_inputs, check_numbers, check_output_folder, check_path_given, input_files,
+    )
 
+    # Everything cheap first: a typo must not cost a video decode and a mesh.
+    check_path_given(args.out)
+    check_numbers(args, angle="finite", distance="positive", focal="positive", fov="finite", depth_scale="positive",
+                  median_depth="positive", frames="count", steps="count", vram_limit="non_negative",
+                  preview_cache="non_negative")
     size = parse_size(args.size)
     if args.name is not None:
         check_name(args.name)
+    check_camera_options(args)
+    check_output_folder(args.out)
+    trajectory = read_transforms(args.trajectory) if args.trajectory is not None else None
+    name = check_name(args.name or (trajectory.name if trajectory is not None else args.cam or DEFAULT_PRESET))
+    out = Path(args.out)
+    shot_files = [out / n for n in shot_file_names(name)]
+    check_not_overwriting_inputs(shot_files, input_files(args.video, args.depth, args.trajectory))
+    device = check_device(args.device)
+    earlier = [p.name for p in shot_files if p.is_file()]
+
     progress = TqdmProgress(enabled=not args.quiet)
     try:
         inputs = load_shot_inputs(
             args.video, depth=args.depth, depth_scale=args.depth_scale, depth_model=args.depth_model,
             depth_weights=args.depth_weights, median_depth=args.median_depth, num_frames=args.frames, size=size, fit=args.fit,
-            focal=args.focal, fov=args.fov, device=args.device, progress=progress,
+            focal=args.focal, fov=args.fov, device=device, progress=progress,
         )
         path = make_camera_path(
-            inputs.num_frames, inputs.intrinsics, inputs.depth[0], cam=args.cam, trajectory=args.trajectory,
+            inputs.num_frames, inputs.intrinsics, inputs.depth[0], cam=args.cam, trajectory=trajectory,
             angle=args.angle, pivot=args.pivot, distance=args.distance,
         )
-        name = check_name(args.name or path.name)
-        device = _device(args.device)
         result = run_shot(
             inputs.frames, inputs.depth, inputs.intrinsics, path, mesh_method=args.mesh_method,
             renderer=args.renderer, device=device,
@@ -167,7 +222,16 @@ def _recon_or_run(args, generate: bool) -> int:
         print_generation_summary(result.info["generation"])
     for f in files:
         print(f"wrote {f}")
+    if earlier:
+        print(replaced_line(name, out, earlier, [f.name for f in files]))
     return 0
+
+
+def replaced_line(name: str, out, earlier: list[str], written: list[str]) -> str:
+    """One line saying that an earlier shot of this name was replaced, and what of it is gone."""
+    removed = [n for n in earlier if n not in written]
+    gone = f"; removed {', '.join(removed)} (not made by this run)" if removed else ""
+    return f"replaced the earlier '{name}' shot in {out}{gone}; pass --name to keep both"
 
 
 def _generator_options(args) -> dict:

@@ -240,8 +240,16 @@ def cmd_run(args) -> int:
     from ..camera import CameraPath
     from ..pipeline import ShotResult, parse_size, write_shot
     from ..recon import check_name
+    from ._checks import check_numbers, check_output_folder, check_path_given
+    from .recon import check_camera_options
 
-    if args.name:
+    # the same cheap checks as `ex4d run`, before the video is read and sent
+    check_path_given(args.out)
+    check_numbers(args, angle="finite", distance="positive", focal="positive", fov="finite", depth_scale="positive",
+                  frames="count", steps="count")
+    check_camera_options(args)
+    check_output_folder(args.out)
+    if args.name is not None:
         check_name(args.name)
     size = parse_size(args.size)
     progress = _progress_bar(args.quiet)
