@@ -429,10 +429,14 @@ def plain_name(text: str) -> str:
 
 
 def atomic_write_text(filename: str | os.PathLike, text: str) -> None:
+    """Write ``text`` through a temp file in the same folder and a rename; nothing is left behind on failure."""
     filename = Path(filename)
     tmp = filename.with_name(f".{filename.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, filename)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, filename)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -343,3 +343,12 @@ def test_resolve_intrinsics_order():
     assert intr.fx == pytest.approx(500.0) and src.startswith("EX-4D default")
     with pytest.raises(InputError):
         C.resolve_intrinsics(64, 48, focal_px=50, fov_deg=60)
+
+
+def test_atomic_write_text_leaves_nothing_behind_on_failure(tmp_path):
+    (tmp_path / "taken").mkdir()  # a folder where the file should go: the rename fails
+    with pytest.raises(OSError):
+        C.atomic_write_text(tmp_path / "taken", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    C.atomic_write_text(tmp_path / "ok.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json", "taken"]

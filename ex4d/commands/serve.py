@@ -319,15 +319,15 @@ def _read_shot_inputs(args, size, progress):
     if not args.depth_model:
         raise InputError("no depth: pass --depth FILE, or --depth-model NAME to let the backend estimate it")
     from ..pipeline import default_working_size
-    from ..video import fit_box, fit_frames, fit_intrinsics, probe_video, read_video
+    from ..video import fit_box, fit_intrinsics, probe_video, read_video
 
     info = probe_video(args.video)
     W, H = size if size is not None else default_working_size(info.width, info.height)
     fit_box(info.width, info.height, W, H, args.fit)
-    clip = read_video(args.video, max_frames=args.frames)
-    h, w = clip.frames.shape[1:3]
+    clip = read_video(args.video, max_frames=args.frames, size=(W, H), fit=args.fit)  # fitted as decoded
+    w, h = clip.source_size
     intr, _ = resolve_intrinsics(w, h, focal_px=args.focal, fov_deg=args.fov)
-    return fit_frames(clip.frames, W, H, args.fit), None, fit_intrinsics(intr, W, H, args.fit), clip.fps
+    return clip.frames, None, fit_intrinsics(intr, W, H, args.fit), clip.fps
 
 
 # --------------------------------------------------------------------------------------------------
