@@ -434,7 +434,7 @@ def _camera_path(params: dict, arrays: dict, frames: np.ndarray, intr, depth0=No
     from ex4d.pipeline import make_camera_path
 
     return make_camera_path(T, intr, depth0, cam=params.get("cam"), angle=params.get("angle"),
-                            pivot=params.get("pivot", "median"), distance=params.get("distance"),
+                            pivot=params.get("pivot") or "median", distance=params.get("distance"),
                             easing=params.get("easing", "linear"))
 
 

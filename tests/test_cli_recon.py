@@ -517,6 +517,7 @@ def test_device_cuda_without_a_gpu(tmp_path, tiny_clip, capsys):
     (["--cam", "dolly_left", "--angle", "20"], "--angle is ignored by --cam dolly_left"),
     (["--cam", "orbit_right", "--distance", "1"], "--distance is ignored by --cam orbit_right"),
     (["--cam", "60", "--distance", "1"], "--distance is ignored by --cam 60"),
+    (["--cam", "60", "--pivot", "median"], "--pivot is ignored by --cam 60"),
 ])
 def test_camera_options_a_move_ignores_are_named(tmp_path, tiny_clip, capsys, args, warning):
     with pytest.warns(UserWarning, match=warning):

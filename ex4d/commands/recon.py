@@ -23,7 +23,7 @@ def add_camera_arguments(c) -> None:
     cam.add_argument("--trajectory", metavar="JSON", help="camera path as transforms.json, one camera per video frame")
     c.add_argument("--angle", type=float, metavar="DEG", help="orbit angle for orbit_* presets (default 30, at most 90)")
     c.add_argument("--distance", type=float, help="move length for zoom/dolly/crane presets (default: a share of the pivot depth)")
-    c.add_argument("--pivot", choices=("median", "ex4d"), default="median", help="orbit pivot: median depth of frame 0 (default) or EX-4D's min depth + 0.15")
+    c.add_argument("--pivot", choices=("median", "ex4d"), help="orbit pivot: median depth of frame 0 (default) or EX-4D's min depth + 0.15")
     f = c.add_mutually_exclusive_group()
     f.add_argument("--focal", type=float, metavar="PX", help="source focal length in pixels of the input video")
     f.add_argument("--fov", type=float, metavar="DEG", help="source horizontal field of view in degrees")
@@ -133,7 +133,7 @@ def check_camera_options(args) -> None:
     if cam is not None and not cam.strip():
         raise InputError(f"--cam is empty (an unset shell variable?); choose one of: {', '.join(PRESETS)}")
     if args.trajectory is not None:
-        for option, value in (("--angle", args.angle), ("--distance", args.distance)):
+        for option, value in (("--angle", args.angle), ("--distance", args.distance), ("--pivot", args.pivot)):
             if value is not None:
                 warnings.warn(f"{option} is ignored with --trajectory (the camera file is the whole move)")
         return
@@ -144,8 +144,9 @@ def check_camera_options(args) -> None:
                 f"--cam {cam} is EX-4D's fixed arc and takes no --angle (got --angle {args.angle:g}); "
                 f"use --cam {args.angle:g} for that arc, or --cam orbit_right --angle {args.angle:g}"
             )
-        if args.distance is not None:
-            warnings.warn(f"--distance is ignored by --cam {cam} (EX-4D's arcs orbit at min depth + 0.15)")
+        for option, value in (("--distance", args.distance), ("--pivot", args.pivot)):
+            if value is not None:
+                warnings.warn(f"{option} is ignored by --cam {cam} (EX-4D's arcs orbit at min depth + 0.15)")
     elif cam in ORBIT_PRESETS:
         if args.distance is not None:
             warnings.warn(f"--distance is ignored by --cam {cam} (orbits keep their distance to the pivot; --angle sets the move)")
@@ -197,7 +198,7 @@ def _recon_or_run(args, generate: bool) -> int:
         )
         path = make_camera_path(
             inputs.num_frames, inputs.intrinsics, inputs.depth[0], cam=args.cam, trajectory=trajectory,
-            angle=args.angle, pivot=args.pivot, distance=args.distance,
+            angle=args.angle, pivot=args.pivot or "median", distance=args.distance,
         )
         result = run_shot(
             inputs.frames, inputs.depth, inputs.intrinsics, path, mesh_method=args.mesh_method,

@@ -258,7 +258,7 @@ def cmd_run(args) -> int:
     T, H, W = frames.shape[:3]
     arrays = {"frames": frames}
     params = {"K": intr.K.tolist(), "mesh_method": args.mesh_method, "seed": args.seed, "generate": not args.guides_only,
-              "cam": args.cam, "angle": args.angle, "pivot": args.pivot, "distance": args.distance}
+              "cam": args.cam, "angle": args.angle, "pivot": args.pivot or "median", "distance": args.distance}
     if args.prompt is not None:
         params["prompt"] = args.prompt
     if args.steps is not None:
