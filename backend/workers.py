@@ -338,7 +338,7 @@ def mesh_from_arrays(arrays: Mapping[str, np.ndarray], params: dict, size: tuple
     """
     import torch
 
-    from ex4d.dwmesh import DWMesh, DWMeshConfig, vertex_scene_scale
+    from ex4d.dwmesh import DWMesh, DWMeshConfig
 
     H, W = size
     verts = np.asarray(arrays["vertices"], dtype=np.float32)
@@ -384,22 +384,31 @@ def mesh_from_arrays(arrays: Mapping[str, np.ndarray], params: dict, size: tuple
         size=(H, W),
         K=K,
         config=DWMeshConfig(method=params.get("mesh_method", "ours")),
-        scene_scale=_scene_scale_param(params) or vertex_scene_scale(verts, (H, W)),
+        **_clip_params(params, verts, (H, W)),
     )
 
 
-def _scene_scale_param(params: dict) -> float | None:
-    """The ``scene_scale`` a reconstruct result gave the client, when it sends it back (clip planes)."""
-    value = params.get("scene_scale")
-    if value is None:
-        return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"scene_scale must be a number, got {value!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise InputError(f"scene_scale must be positive and finite, got {value}")
-    return value
+def _clip_params(params: dict, verts: np.ndarray, size: tuple[int, int]) -> dict:
+    """``scene_scale`` and ``clip_far`` as a reconstruct result gave them to the client, when it sends
+    them back; else read off the vertices (a mesh from elsewhere)."""
+    from ex4d.dwmesh import vertex_clip
+
+    given = {}
+    for key in ("scene_scale", "clip_far"):
+        value = params.get(key)
+        if value is None:
+            continue
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{key} must be a number, got {value!r}") from None
+        if not (math.isfinite(value) and value > 0):
+            raise InputError(f"{key} must be positive and finite, got {value}")
+        given[key] = value
+    if "scene_scale" not in given:
+        given["scene_scale"], far = vertex_clip(verts, size)
+        given.setdefault("clip_far", far)
+    return given
 
 
 @handler("reconstruct")
@@ -416,7 +425,7 @@ def run_reconstruct(engine: Engine, params: dict, arrays: dict, progress, cancel
     out["depth"] = depth
     out["K"] = intr.K
     return {"K": intr.K.tolist(), "intrinsics_source": source, "width": W, "height": H,
-            "scene_scale": float(mesh.scene_scale)}, out
+            "scene_scale": float(mesh.scene_scale), "clip_far": float(mesh.clip_planes[1])}, out
 
 
 def _camera_path(params: dict, arrays: dict, frames: np.ndarray, intr, depth0=None):

@@ -48,12 +48,16 @@ EX4D_TO_BLENDER = np.array(
 
 # Lengths that are constants (the clip planes, the DW-mesh's far border and skirt) were chosen, as the
 # release's were, for depth in metres. Depth in finer units (millimetres from a depth camera or a 16-bit
-# PNG read with --depth-scale 1, centimetres, a far outdoor scene) multiplies them all by
-# scene_scale(), which keeps the geometry in proportion to the scene whatever its unit.
+# PNG read with --depth-scale 1, centimetres) multiplies them all by scene_scale(), which keeps the
+# geometry in proportion to the scene whatever its unit.
 CLIP_NEAR = 1e-3  # the release's clip planes: anything nearer or farther is clipped, hence masked
 CLIP_FAR = 1e3
 SCENE_SCALE_REF = 10.0  # the nearer part of a metre-scale scene (10th percentile of depth) lies within this
 SCENE_SCALE_QUANTILE = 10.0  # a low percentile: sky and background (often 1e4 or 1e10) must not set it
+# Depth at or beyond SKY_DEPTH x scene_scale is "at infinity": Blender's 1e10 background, the depth
+# models' far value (1e4) for sky. It is never content: masked, as the release's far clip masks it, and
+# never a pivot. Real content up to it (a valley 2 km away in metres) keeps the far clip behind it.
+SKY_DEPTH = 5e3
 
 
 def scene_scale(depth) -> float:
@@ -69,9 +73,19 @@ def scene_scale(depth) -> float:
     return max(1.0, float(np.percentile(d, SCENE_SCALE_QUANTILE)) / SCENE_SCALE_REF)
 
 
-def clip_planes(scale: float = 1.0) -> tuple[float, float]:
-    """(near, far) clip distances for a scene of ``scene_scale`` ``scale``."""
-    return CLIP_NEAR * scale, CLIP_FAR * scale
+def clip_planes(scale: float = 1.0, content_max: float = 0.0) -> tuple[float, float]:
+    """(near, far) clip distances for a scene of ``scene_scale`` ``scale`` whose farthest content (depth
+    short of the sky) is ``content_max``: the release's planes for a metre-scale room; farther content
+    pushes the far plane back (room for the DW-mesh's skirt at 4x the content, with a margin), never
+    past the sky."""
+    far = min(SKY_DEPTH * scale, max(CLIP_FAR * scale, 8.0 * float(content_max)))
+    return CLIP_NEAR * scale, far
+
+
+def content_depth(depth, scale: float) -> np.ndarray:
+    """The valid depth values short of the sky (see SKY_DEPTH), flattened."""
+    d = np.asarray(depth, dtype=np.float64).ravel()
+    return d[np.isfinite(d) & (d > 0) & (d < SKY_DEPTH * scale)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -489,7 +503,8 @@ def pivot_depth(depth0: np.ndarray, mode: str = "median") -> float:
     ``ex4d``: the release's min depth + 0.15, which for a close foreground object orbits its front face.
     """
     d = np.asarray(depth0, dtype=np.float64)
-    d = d[np.isfinite(d) & (d > 0)]
+    content = content_depth(d, scene_scale(d))
+    d = content if content.size else d[np.isfinite(d) & (d > 0)]  # the sky is no pivot, unless it is all there is
     if d.size == 0:
         raise InputError("cannot choose a pivot: frame 0 has no valid depth")
     if mode == "median":

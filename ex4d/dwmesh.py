@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .camera import CLIP_FAR, scene_scale
+from .camera import SKY_DEPTH, clip_planes, content_depth, scene_scale
 from .errors import DepthError, InputError
 
 METHODS = ("ours", "ex4d", "torn")
@@ -97,6 +97,13 @@ class DWMesh:
     # camera.scene_scale of the depth it was built from: the far border, the skirt and the renderer's
     # clip planes are multiplied by it (1 for depth in metres).
     scene_scale: float = 1.0
+    # The renderer's far clip plane (camera.clip_planes): None = the release's 1e3 x scene_scale.
+    clip_far: float | None = None
+
+    @property
+    def clip_planes(self) -> tuple[float, float]:
+        near, far = clip_planes(self.scene_scale)
+        return near, far if self.clip_far is None else float(self.clip_far)
 
     @property
     def method(self) -> str:
@@ -382,6 +389,10 @@ def build_dwmesh(depth, K, config: DWMeshConfig | None = None, device=None) -> D
     bad_pixel = ~good
     scale = depth_scene_scale(depth)
     border = config.border_depth * scale
+    # Farthest content per frame, the sky left out (camera.SKY_DEPTH): it sets the skirt and the far clip.
+    content = good & (depth < SKY_DEPTH * scale)
+    content_max = torch.where(content, depth, torch.zeros_like(depth)).reshape(T, -1).amax(dim=1)
+    _, clip_far = clip_planes(scale, float(content_max.max()))
     d = torch.where(good, depth, torch.full_like(depth, border))
 
     if config.method in ("ex4d", "torn"):
@@ -400,8 +411,8 @@ def build_dwmesh(depth, K, config: DWMeshConfig | None = None, device=None) -> D
         sx, sy, nearest, lip_faces, closing = _cached(("skirt", H, W, str(device)), lambda: _skirt(H, W, device))
         grid = unproject(d, Kt, xs, ys).reshape(T, H * W, 3)
         lip = unproject(d.reshape(T, -1)[:, nearest], Kt, sx, sy)
-        # Behind the scene, in front of the far clip plane (half of it, so the skirt is never clipped).
-        far = (d.reshape(T, -1).amax(dim=1) * config.skirt_scale).clamp(min=border, max=0.5 * CLIP_FAR * scale)
+        # Behind the scene's content, in front of the far clip plane (so the skirt is never clipped).
+        far = (content_max * config.skirt_scale).clamp(min=border, max=0.9 * clip_far)
         skirt = unproject(far[:, None].expand(T, sx.numel()), Kt, sx, sy)
         verts = torch.cat([grid, lip, skirt], dim=1)
         n_grid_faces = faces.shape[0]
@@ -463,6 +474,7 @@ def build_dwmesh(depth, K, config: DWMeshConfig | None = None, device=None) -> D
         K=K_np,
         config=config,
         scene_scale=scale,
+        clip_far=clip_far,
     )
 
 
@@ -509,6 +521,7 @@ def save_npz(mesh: DWMesh, path) -> Path:
                 K=mesh.K.astype(np.float64),
                 method=np.array(mesh.config.method),
                 scene_scale=np.array(float(mesh.scene_scale)),
+                clip_far=np.array(float(mesh.clip_planes[1])),
             )
         os.replace(tmp, path)
     finally:
@@ -540,19 +553,28 @@ def load_npz(path) -> DWMesh:
     vpix = torch.from_numpy(z["vertex_pixel"]) if "vertex_pixel" in z.files else torch.arange(V)
     K = z["K"] if "K" in z.files else np.broadcast_to(np.eye(3), (T, 3, 3)).copy()
     method = str(z["method"]) if "method" in z.files else "ours"
-    scale = float(z["scene_scale"]) if "scene_scale" in z.files else vertex_scene_scale(z["vertices"], (H, W))
-    return DWMesh(verts, faces, uv, face_valid, alpha, vpix, (H, W), K, DWMeshConfig(method=method), scale)
+    if "scene_scale" in z.files:
+        scale = float(z["scene_scale"])
+        far = float(z["clip_far"]) if "clip_far" in z.files else None
+    else:
+        scale, far = vertex_clip(z["vertices"], (H, W))
+    return DWMesh(verts, faces, uv, face_valid, alpha, vpix, (H, W), K, DWMeshConfig(method=method), scale, far)
 
 
-def vertex_scene_scale(vertices, size: tuple[int, int]) -> float:
-    """camera.scene_scale from a mesh's vertices (T,V,3) (our axes: depth = -z), for meshes that come
-    without it (older files, a Blender-edited mesh): the same subsample of the grid vertices (the first
-    H*W) as ``depth_scene_scale``; every 16th vertex when the mesh has no such grid."""
+def vertex_clip(vertices, size: tuple[int, int]) -> tuple[float, float]:
+    """(scene scale, far clip) from a mesh's vertices (T,V,3) (our axes: depth = -z), for meshes that
+    come without them (older files, a Blender-edited mesh): read off the grid vertices (the first H*W)
+    as ``build_dwmesh`` reads the depth; off every vertex when the mesh has no such grid."""
     v = np.asarray(vertices)
     H, W = size
     if H * W and H * W <= v.shape[1]:
-        return depth_scene_scale(-v[:, : H * W, 2].reshape(-1, H, W))
-    return scene_scale(-v[:: max(1, v.shape[0] // 8), ::16, 2])
+        depth = -v[:, : H * W, 2].reshape(-1, H, W)
+        scale = depth_scene_scale(depth)
+    else:
+        depth = -v[..., 2]
+        scale = scene_scale(depth[:: max(1, v.shape[0] // 8), ::16])
+    content = content_depth(depth, scale)
+    return scale, clip_planes(scale, float(content.max()) if content.size else 0.0)[1]
 
 
 def save_ply(mesh: DWMesh, path, frame_rgb=None, t: int = 0) -> Path:

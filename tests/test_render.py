@@ -209,3 +209,52 @@ def test_scene_scale_rule():
     assert scene_scale(np.full((2, 4, 4), np.nan)) == 1.0
     near, far = clip_planes(150.0)
     assert (near, far) == pytest.approx((0.15, 1.5e5))
+
+
+def _guides_for(depth, frames, K, cam="dolly_right", **kw):
+    from ex4d.camera import Intrinsics, preset_path
+    from ex4d.dwmesh import build_dwmesh
+    from ex4d.render import render_guides
+
+    T, H, W = depth.shape
+    mesh = build_dwmesh(depth, K)
+    path = preset_path(cam, T, Intrinsics.from_K(K, W, H), depth0=depth[0], **kw)
+    return mesh, render_guides(mesh, frames, path, rasterizer="torch")
+
+
+@pytest.mark.parametrize("far_background", [50.0, 600.0, 2000.0])
+def test_far_content_stays_valid_and_the_sky_is_masked(far_background):
+    """Background far behind a metre-scale subject (a valley at 600 m, 2 km) stays valid under a small
+    move (the skirt and the far clip move behind it); the sky (Blender's 1e10) is masked, as the
+    release's far clip masks it, and never becomes the pivot."""
+    from ex4d.synthetic import make_scene
+
+    scene = make_scene(2, 64, 48, 3)
+    frames, depth = scene.source()
+    far = depth.copy()
+    far[:, :12] = far_background
+    mesh, g = _guides_for(far, frames, scene.K, distance=0.3)
+    assert mesh.clip_planes[1] > 2 * far_background
+    assert g.mask[1:, 2:10].mean() > 0.9
+    sky = depth.copy()
+    sky[:, :12] = 1e10
+    _, g = _guides_for(sky, frames, scene.K, distance=0.3)
+    assert not g.mask[1:, :12].any()
+    # Sky over most of frame 0: the orbit still turns around the subject, not around the sky.
+    mostly_sky = depth.copy()
+    mostly_sky[:, :40] = 1e10
+    _, g = _guides_for(mostly_sky, frames, scene.K, cam="orbit_right", angle_deg=30)
+    assert g.mask[1:, 40:].mean() > 0.5
+
+
+def test_deep_scene_guides_do_not_depend_on_the_unit():
+    """Content kilometres away: the same guides in metres and in tenths of metres."""
+    from ex4d.synthetic import make_scene
+
+    scene = make_scene(2, 64, 48, 3)
+    frames, depth = scene.source()
+    deep = depth.copy()
+    deep[:, :16] = np.linspace(300.0, 2000.0, 64)[None, None, :]  # a far hillside
+    masks = [_guides_for(deep / s, frames, scene.K, cam="orbit_right", angle_deg=20)[1].mask for s in (1.0, 10.0)]
+    assert masks[0][1:, :16].mean() > 0.5
+    assert (masks[0] != masks[1]).mean() < 1e-3

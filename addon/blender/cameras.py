@@ -33,16 +33,23 @@ def camera_K(cam_obj, width: int, height: int) -> np.ndarray:
 CLIP_START = 0.01
 
 
-def set_clip(cam_data, scale: float = 1.0) -> None:
-    """Clip planes for a shot of ``scene_scale`` ``scale``: the whole DW-mesh, skirt included, stays in view."""
-    cam_data.clip_start = CLIP_START * scale
-    cam_data.clip_end = camera.CLIP_FAR * scale
+def clip_range(props) -> tuple[float, float]:
+    """(clip_start, clip_end) of the shot's cameras: the library's far plane (scene_scale, clip_far from
+    the backend), Blender's own near plane."""
+    scale = props.scene_scale if props is not None else 1.0
+    far = props.clip_far if props is not None and props.clip_far > 0 else camera.CLIP_FAR * scale
+    return CLIP_START * scale, far
 
 
-def new_camera(scene, name: str, rig=None, scale: float = 1.0):
+def set_clip(cam_data, props=None) -> None:
+    """The shot's clip range on a camera: the whole DW-mesh, skirt included, stays in view."""
+    cam_data.clip_start, cam_data.clip_end = clip_range(props)
+
+
+def new_camera(scene, name: str, rig=None, props=None):
     """A camera for a move; parented to the shot's rig so moving the rig moves the whole shot."""
     data = bpy.data.cameras.new(name)
-    set_clip(data, scale)
+    set_clip(data, props)
     obj = bpy.data.objects.new(name, data)
     scene.collection.objects.link(obj)
     if rig is not None:
@@ -109,7 +116,7 @@ def import_transforms(scene, props, filepath: str, cam_obj=None):
         path = path.resized(props.width, props.height)
     if cam_obj is None:
         cam_obj = new_camera(scene, path.name if path.name.startswith("EX4D") else f"EX4D {path.name}", props.rig,
-                             props.scene_scale)
+                             props)
     key_path(cam_obj, path, props.frame_start, rig_world(props))
     return cam_obj, path
 

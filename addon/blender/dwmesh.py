@@ -251,13 +251,13 @@ class DWMeshBuild(jobs.LocalSteps):
         self._made = []
 
 
-def create_source_camera(scene, shot: str, rig, K, width: int, height: int, scale: float = 1.0):
+def create_source_camera(scene, shot: str, rig, K, width: int, height: int, props=None):
     """The camera that filmed the shot: identity pose in the shot's world, matching intrinsics."""
     from .cameras import set_clip
 
     data = bpy.data.cameras.new(f"EX4D Source {shot}")
     set_lens(data, K, width, height)
-    set_clip(data, scale)
+    set_clip(data, props)
     cam = bpy.data.objects.new(f"EX4D Source {shot}", data)
     scene.collection.objects.link(cam)
     cam.parent = rig

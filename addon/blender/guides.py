@@ -53,7 +53,7 @@ class GuideRender:
     stage = "rendering guides"
 
     def __init__(self, scene, meshes, camera_obj, out_dir: str, frame_start: int, num_frames: int, width: int, height: int,
-                 scene_scale: float = 1.0):
+                 clip: tuple[float, float] = (CLIP_START, camera.CLIP_FAR)):
         if camera_obj is None or camera_obj.type != "CAMERA":
             raise errors.InputError("no camera to render the guides from: make a camera active (or key a move)")
         if not meshes:
@@ -61,7 +61,7 @@ class GuideRender:
         self.scene, self.meshes, self.camera = scene, list(meshes), camera_obj
         self.out_dir, self.frame_start, self.num_frames = out_dir, frame_start, num_frames
         self.width, self.height = width, height
-        self.scene_scale = scene_scale
+        self.clip = clip  # the shot's (clip_start, clip_end)
         self.t = 0
         self._tmp = tempfile.mkdtemp(prefix="ex4d_guides_")
         self._settings = SceneSettings()
@@ -105,8 +105,8 @@ class GuideRender:
         s.set(sc.world, "color", (0.0, 0.0, 0.0))
         s.set(sc, "camera", self.camera)
         # The shot's clip planes, whatever the artist's camera says: what the library's renderer would mask.
-        s.set(self.camera.data, "clip_start", CLIP_START * self.scene_scale)
-        s.set(self.camera.data, "clip_end", camera.CLIP_FAR * self.scene_scale)
+        s.set(self.camera.data, "clip_start", self.clip[0])
+        s.set(self.camera.data, "clip_end", self.clip[1])
         keep = set(self.meshes) | {self.camera}
         for obj in sc.objects:
             if obj not in keep and obj.type not in ("EMPTY",):

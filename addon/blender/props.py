@@ -62,6 +62,8 @@ class EX4D_SceneProps(bpy.types.PropertyGroup):
     depth_median: FloatProperty(default=0.0)
     scene_scale: FloatProperty(default=1.0, min=1e-6,
                                description="1 for depth in metres; larger for finer units (clip planes follow it)")
+    clip_far: FloatProperty(default=0.0, min=0.0,
+                            description="Far clip of the shot's cameras (0: 1000 x the scene scale)")
     rig: PointerProperty(name="Rig", type=bpy.types.Object)
     mesh: PointerProperty(name="DW-mesh", type=bpy.types.Object)
     source_camera: PointerProperty(name="Source camera", type=bpy.types.Object)

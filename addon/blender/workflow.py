@@ -218,11 +218,12 @@ def apply_reconstruct(scene, result):
     build = dwmesh.DWMeshBuild(scene, props.shot_name, rig, vertices, faces, crop.uv_to_source(uv), face_valid,
                                props.image, props.frame_start, props.first_frame)
     build.job_id = result.job_id  # released once the .blend holding the mesh is saved
-    scale = result.params.get("scene_scale")
+    scale, far = result.params.get("scene_scale"), result.params.get("clip_far")
     if scale is None:  # an older backend: the same rule on the depth it returned
         scale = camera.scene_scale(a["depth"][:, ::4, ::4] if "depth" in a else depth0)
-    build.settings = {"rig": rig, "depth_min": float(d.min()), "depth_median": float(np.median(d)),
-                      "scene_scale": float(scale), **lens}
+    build.settings = {"rig": rig, "depth_min": float(d.min()),
+                      "depth_median": camera.pivot_depth(depth0, "median"),  # the sky left out
+                      "scene_scale": float(scale), "clip_far": float(far or 0.0), **lens}
     return build
 
 
@@ -230,7 +231,7 @@ def finish_reconstruct(scene, build) -> str:
     """The DW-mesh is built: it replaces the shot's previous one; the source camera follows the lens."""
     props = scene.ex4d
     s = build.settings
-    for key in ("fx", "fy", "cx", "cy", "depth_min", "depth_median", "scene_scale"):
+    for key in ("fx", "fy", "cx", "cy", "depth_min", "depth_median", "scene_scale", "clip_far"):
         if key in s:
             setattr(props, key, s[key])
     obj, old = build.obj, props.mesh
@@ -239,10 +240,10 @@ def finish_reconstruct(scene, build) -> str:
     props.rig, props.mesh = s["rig"], obj
     if props.source_camera is None or props.source_camera.name not in bpy.data.objects:
         props.source_camera = dwmesh.create_source_camera(scene, props.shot_name, s["rig"], cameras.shot_K(props),
-                                                          props.width, props.height, props.scene_scale)
+                                                          props.width, props.height, props)
     else:  # a re-import may have changed the lens and the depth's scale
         dwmesh.set_lens(props.source_camera.data, cameras.shot_K(props), props.width, props.height)
-        cameras.set_clip(props.source_camera.data, props.scene_scale)
+        cameras.set_clip(props.source_camera.data, props)
     if scene.camera is None:
         scene.camera = props.source_camera
     me = obj.data
@@ -259,7 +260,7 @@ def key_preset(scene, preset: str, cam_obj=None, angle_deg: float = 30.0, distan
     require_shot(props)
     path = cameras.preset(props, preset, angle_deg, distance_factor)
     if cam_obj is None:
-        cam_obj = cameras.new_camera(scene, f"EX4D {preset} {props.shot_name}", props.rig, props.scene_scale)
+        cam_obj = cameras.new_camera(scene, f"EX4D {preset} {props.shot_name}", props.rig, props)
     cameras.key_path(cam_obj, path, props.frame_start, cameras.rig_world(props))
     scene.camera = cam_obj
     return cam_obj, path
@@ -283,7 +284,7 @@ def start_guides(scene, cam_obj=None):
         raise errors.InputError("no DW-mesh in the scene: reconstruct the shot first")
     out = os.path.join(shot_dir(props, cam_obj.name if cam_obj else "camera"), "guides")
     worker = guides.GuideRender(scene, [props.mesh], cam_obj, out, props.frame_start, props.num_frames, props.width,
-                                props.height, scene_scale=props.scene_scale)
+                                props.height, clip=cameras.clip_range(props))
     # the camera path beside the guides, for the CLI (ex4d ... --camera cameras.json)
     cameras.export_transforms(scene, props, cam_obj, os.path.join(os.path.dirname(out), f"cameras_{props.shot_name}.json"))
     props.guides_dir, props.guides_camera = out, cam_obj.name

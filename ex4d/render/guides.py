@@ -80,8 +80,8 @@ def render_guides(mesh, frames, path, rasterizer="auto", device=None, progress=N
     dev = getattr(rz, "device", torch.device("cpu"))
     if chunk_frames is None:
         chunk_frames = T if rz.name == "nvdiffrast" else 4
-    scale = float(getattr(mesh, "scene_scale", 1.0))
-    mvp = torch.as_tensor(mvp_matrices(path, NEAR * scale, FAR * scale), dtype=torch.float64, device=dev)
+    near, far = mesh.clip_planes if hasattr(mesh, "clip_planes") else (NEAR, FAR)
+    mvp = torch.as_tensor(mvp_matrices(path, near, far), dtype=torch.float64, device=dev)
     faces = mesh.faces.to(dev)
     cfg = mesh.config
     # Everything stays on the render device until the end: one copy per output, no per-chunk syncs.
