@@ -261,7 +261,10 @@ def _write_guide_files(folder: Path, name: str, guides, path: CameraPath, fps: f
     write_video(files["mask"], mask.astype(np.uint8) * 255, fps)
     # fps: so `ex4d generate --guides` writes the shot at the source's rate, not a guessed one
     write_npz_atomic(files["render"], color=color, mask=mask, fps=np.float64(fps))
-    write_transforms(path, files["cameras"])
+    # the file carries the shot's name (--name), not the preset's: read back with --trajectory, it must
+    # name the same set of files it came from
+    named = CameraPath(path.c2w, path.K, path.width, path.height, name=name, meta=dict(path.meta))
+    write_transforms(named, files["cameras"])
     return files
 
 

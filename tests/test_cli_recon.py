@@ -537,3 +537,16 @@ def test_client_run_checks_the_same_options_before_sending(tmp_path, tiny_clip, 
         code, _, err = run_cli(["client", "run", tiny_clip.video, "--depth", tiny_clip.depth_file, "--address",
                                 "tcp://127.0.0.1:9", *extra], capsys)
         assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and expected in err, err
+
+
+def test_camera_file_carries_the_shots_name(tmp_path, tiny_clip, capsys):
+    """--name or30 writes cameras_or30.json saying 'or30': reused as --trajectory it makes *_or30 again,
+    not *_orbit_right (which would replace that set)."""
+    out = tmp_path / "out"
+    code, _, err = run_cli(_shot_args(tiny_clip, out, "--frames", "2", "--name", "or30"), capsys)
+    assert code == 0, err
+    assert read_transforms(out / "cameras_or30.json").name == "or30"
+    code, stdout, err = run_cli(_shot_args(tiny_clip, tmp_path / "again", "--frames", "2", "--trajectory",
+                                           out / "cameras_or30.json"), capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == sorted(p.format(n="or30") for p in GUIDE_FILES)
