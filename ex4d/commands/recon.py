@@ -165,11 +165,9 @@ def _is_number(text: str) -> bool:
 
 def _recon_or_run(args, generate: bool) -> int:
     from ..camera import read_transforms
-    from ..pipeline import DEFAULT_PRESET, load_shot_inputs, make_camera_path, parse_size, run_shot, write_shot
-    from ..recon import check_name, shot_file_names
-    from ._checks import (
-        check_device, check_not_overwriting_inputs, check_numbers, check_output_folder, check_path_given, input_files,
-    )
+    from ..pipeline import load_shot_inputs, make_camera_path, parse_size, run_shot, write_shot
+    from ..recon import check_name
+    from ._checks import check_device, check_numbers, check_output_folder, check_path_given
 
     # Everything cheap first: a typo must not cost a video decode and a mesh.
     check_path_given(args.out)
@@ -182,12 +180,9 @@ def _recon_or_run(args, generate: bool) -> int:
     check_camera_options(args)
     check_output_folder(args.out)
     trajectory = read_transforms(args.trajectory) if args.trajectory is not None else None
-    name = check_name(args.name or (trajectory.name if trajectory is not None else args.cam or DEFAULT_PRESET))
+    name, earlier = plan_shot_output(args, trajectory)
     out = Path(args.out)
-    shot_files = [out / n for n in shot_file_names(name)]
-    check_not_overwriting_inputs(shot_files, input_files(args.video, args.depth, args.trajectory))
     device = check_device(args.device)
-    earlier = [p.name for p in shot_files if p.is_file()]
 
     progress = TqdmProgress(enabled=not args.quiet)
     try:
@@ -221,11 +216,29 @@ def _recon_or_run(args, generate: bool) -> int:
         from .generate import print_generation_summary
 
         print_generation_summary(result.info["generation"])
+    print_written(files, name, out, earlier)
+    return 0
+
+
+def plan_shot_output(args, trajectory) -> tuple[str, list[str]]:
+    """The shot's name and the files of an earlier set of that name in ``--out``, checked before any
+    work (shared by ``recon``/``run`` and ``client run``): refuses when a file of the set (written or
+    removed) is one of the inputs."""
+    from ..pipeline import DEFAULT_PRESET
+    from ..recon import check_name, shot_file_names
+    from ._checks import check_not_overwriting_inputs, input_files
+
+    name = check_name(args.name or (trajectory.name if trajectory is not None else args.cam or DEFAULT_PRESET))
+    shot_files = [Path(args.out) / n for n in shot_file_names(name)]
+    check_not_overwriting_inputs(shot_files, input_files(args.video, args.depth, args.trajectory))
+    return name, [p.name for p in shot_files if p.is_file()]
+
+
+def print_written(files, name: str, out, earlier: list[str]) -> None:
     for f in files:
         print(f"wrote {f}")
     if earlier:
-        print(replaced_line(name, out, earlier, [f.name for f in files]))
-    return 0
+        print(replaced_line(name, out, earlier, [Path(f).name for f in files]))
 
 
 def replaced_line(name: str, out, earlier: list[str], written: list[str]) -> str:
