@@ -225,3 +225,37 @@ def test_odd_guides_print_the_size_written(tmp_path, capsys):
         code, stdout, err = run(capsys, "--guides", tmp_path / "odd.npz", "--generator", "draft", "--out", tmp_path / "o.mp4")
     assert code == 0, err
     assert "48x34" in stdout and read_video(tmp_path / "o.mp4").frames.shape[1:3] == (34, 48)
+
+
+def test_mask_threshold_1_is_refused_before_reading(guides, tmp_path, capsys):
+    """valid = brighter than threshold x 255: at 1 nothing is valid, the whole shot would be invented."""
+    d, _, _ = guides
+    err = _generate_errors(capsys, "--color-video", d / "color.mp4", "--mask-video", tmp_path / "not-read.mp4",
+                           "--mask-threshold", "1", "--generator", "draft", "--out", tmp_path / "x.mp4")
+    assert err == ("error: --mask-threshold must be between 0 and 1, 1 excluded (a valid pixel is brighter than "
+                   "threshold x 255), got 1")
+
+
+@pytest.mark.parametrize("source", ["npz", "video"])
+def test_mask_without_a_valid_pixel_is_an_error(guides, tmp_path, capsys, source):
+    d, color, mask = guides
+    empty = np.zeros_like(mask)
+    if source == "npz":
+        np.savez(tmp_path / "render.npz", color=color, mask=empty)
+        args = ["--guides", tmp_path / "render.npz"]
+    else:
+        write_video(tmp_path / "mask.mp4", empty.astype(np.uint8), 15)
+        args = ["--color-video", d / "color.mp4", "--mask-video", tmp_path / "mask.mp4"]
+    err = _generate_errors(capsys, *args, "--generator", "draft", "--out", tmp_path / "x.mp4")
+    assert "no valid guide pixel in any frame" in err and "check --mask-threshold" in err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_mostly_empty_mask_warns(guides, tmp_path, capsys):
+    d, color, mask = guides
+    few = np.zeros_like(mask)
+    few[0, :2, :2] = True  # 4 of 13824 pixels
+    np.savez(tmp_path / "render.npz", color=color, mask=few)
+    with pytest.warns(UserWarning, match=r"only 0\.03% of guide pixels are valid"):
+        code, _, err = run(capsys, "--guides", tmp_path / "render.npz", "--generator", "draft", "--out", tmp_path / "x.mp4")
+    assert code == 0, err
