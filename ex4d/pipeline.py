@@ -312,7 +312,7 @@ def write_shot(
     from .recon import _write_guide_files, check_guides, guide_file_names, shot_file_names, staged_output, write_mesh_files
     from .video import write_video
 
-    check_name(name)
+    name = check_name(name)
     T, H, W = np.asarray(result.guides.mask).shape
     check_guides(result.guides, T, H, W)
     if len(result.path) != T:

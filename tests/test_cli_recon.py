@@ -550,3 +550,34 @@ def test_camera_file_carries_the_shots_name(tmp_path, tiny_clip, capsys):
                                            out / "cameras_or30.json"), capsys)
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == sorted(p.format(n="or30") for p in GUIDE_FILES)
+
+
+def test_unicode_shot_names_round_trip_through_file_names(tmp_path, tiny_clip, capsys):
+    """左から.json and 右から.json name two moves (not both '___'), --name 左から is a name, and the
+    camera file written for it reads back under the same name."""
+    import unicodedata
+
+    from ex4d.camera import plain_name
+    from ex4d.recon import check_name
+
+    assert plain_name("左から") == "左から" != plain_name("右から")
+    assert plain_name(unicodedata.normalize("NFD", "café")) == "café" == check_name(unicodedata.normalize("NFD", "café"))
+    for bad in ("a/b", "..", ".hidden", "tab\there", "x" * 65, ""):
+        with pytest.raises(Exception, match="shot name"):
+            check_name(bad)
+    from ex4d.camera import path_to_transforms
+
+    data = path_to_transforms(CameraPath(orbit_poses(2, 4.0, yaw_deg=10), tiny_clip.K, *tiny_clip.size))
+    del data["ex4d"]["name"]  # as a file from another tool: its file name names the move
+    for stem in ("左から", "右から"):
+        (tmp_path / f"{stem}.json").write_text(json.dumps(data), encoding="utf-8")
+        code, stdout, err = run_cli(_shot_args(tiny_clip, tmp_path / "out", "--frames", "2", "--trajectory",
+                                               tmp_path / f"{stem}.json"), capsys)
+        assert code == 0 and "replaced" not in stdout, err
+    code, _, err = run_cli(_shot_args(tiny_clip, tmp_path / "named", "--frames", "2", "--name", "左から"), capsys)
+    assert code == 0 and (tmp_path / "named" / "shot_左から.mp4").exists() is False, err
+    assert (tmp_path / "named" / "color_左から.mp4").is_file()
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == sorted(p.format(n=n) for p in GUIDE_FILES for n in ("左から", "右から"))
+    again = read_transforms(tmp_path / "out" / "cameras_左から.json")
+    assert again.name == "左から" == plain_name(Path("cameras_左から").stem.replace("cameras_", ""))
