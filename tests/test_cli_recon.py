@@ -372,6 +372,26 @@ def test_cut_short_video_is_blamed_not_the_depth(tmp_path, capsys):
     assert code == 0, err
 
 
+def test_video_one_frame_short_uses_the_listed_depth_with_a_warning(tmp_path, capsys):
+    """The mp4 lists 24 frames, 23 decode, the depth has 24 (one per listed frame): the footage is fine
+    but for its last frame, so the shot uses 23 frames and the warning names the video as short."""
+    from conftest import clip_missing_last_frame, make_tiny_scene
+
+    short = clip_missing_last_frame(tmp_path)
+    _, depth, K = make_tiny_scene(24)
+    write_npz_atomic(tmp_path / "depth.npz", depth=depth, K=K)
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match=r"lists 24 frames but 23 decode \(the video is short, not the depth\); "
+                      r"using the first 23 of the 24 depth maps"):
+        code, _, err = run_cli(["recon", short, "--depth", tmp_path / "depth.npz", "--out", out, "--quiet"], capsys)
+    assert code == 0 and "depth has" not in err, err
+    assert probe_video(out / "color_orbit_right.mp4").num_frames == 23
+    # depth of another length is still the depth's problem
+    write_npz_atomic(tmp_path / "depth20.npz", depth=depth[:20], K=K)
+    code, _, err = run_cli(["recon", short, "--depth", tmp_path / "depth20.npz", "--out", out, "--quiet"], capsys)
+    assert code == 2 and "depth has 20 frames but the video has 23" in err
+
+
 def test_large_size_warning_suggests_the_clips_own_aspect(tmp_path):
     """A portrait clip: the suggested preview size is portrait too (--fit resize would stretch 512x288)."""
     from conftest import make_tiny_scene
