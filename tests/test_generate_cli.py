@@ -259,3 +259,28 @@ def test_mostly_empty_mask_warns(guides, tmp_path, capsys):
     with pytest.warns(UserWarning, match=r"only 0\.03% of guide pixels are valid"):
         code, _, err = run(capsys, "--guides", tmp_path / "render.npz", "--generator", "draft", "--out", tmp_path / "x.mp4")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("newdir/", "ends in a separator (a folder); give a video file name such as {out}shot.mp4"),
+    ("x.npz", "the shot is written as MP4 (H.264); give a file name ending in .mp4"),
+    ("x.png", "the shot is written as MP4 (H.264); give a file name ending in .mp4"),
+    ("x.gif", "the shot is written as MP4 (H.264); give a file name ending in .mp4"),
+    ("shot", "the shot is written as MP4 (H.264); give a file name ending in .mp4"),
+])
+def test_out_must_be_an_mp4_file_name(guides, tmp_path, capsys, name, expected):
+    """write_video writes MP4: 'newdir/' must not become a file called newdir, nor x.gif hold MP4 data."""
+    d, _, _ = guides
+    out = str(tmp_path / name) + ("/" if name.endswith("/") else "")
+    err = _generate_errors(capsys, "--guides", d / "render.npz", "--generator", "draft", "--out", out)
+    assert err == f"error: --out {out}" + (" " if name.endswith("/") else ": ") + expected.format(out=out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_that_is_an_input_names_the_fix_generate_has(guides, tmp_path, capsys):
+    d, _, _ = guides
+    colour = tmp_path / "color.mp4"
+    colour.write_bytes((d / "color.mp4").read_bytes())
+    err = _generate_errors(capsys, "--color-video", colour, "--mask-video", d / "mask.mp4", "--generator", "draft",
+                           "--out", colour)
+    assert err.endswith("would destroy it (choose another --out file)") and "--name" not in err

@@ -100,6 +100,19 @@ def check_output_file(path: str | os.PathLike, option: str = "--out") -> None:
         raise InputError(f"{option} {path}: not writable")
 
 
+VIDEO_SUFFIXES = (".mp4",)  # what write_video writes: H.264 in an MP4 container, whatever the name says
+
+
+def check_video_file_name(path: str | os.PathLike, option: str = "--out") -> None:
+    """An output video's name: a file (no trailing separator, which means a folder) ending in .mp4, so
+    the name says what write_video puts in it (an 'x.gif' or 'x.npz' would hold MP4 data)."""
+    text = os.fspath(path)
+    if text.endswith(("/", os.sep)) or (os.altsep and text.endswith(os.altsep)):
+        raise InputError(f"{option} {text} ends in a separator (a folder); give a video file name such as {text}shot.mp4")
+    if Path(text).suffix.lower() not in VIDEO_SUFFIXES:
+        raise InputError(f"{option} {text}: the shot is written as MP4 (H.264); give a file name ending in .mp4")
+
+
 def _nearest_existing(path: Path) -> Path:
     path = path.absolute()
     while not path.exists() and path != path.parent:
@@ -123,7 +136,8 @@ def input_files(*paths: str | os.PathLike | None) -> list[Path]:
     return files
 
 
-def check_not_overwriting_inputs(outputs, inputs: list[Path], what: str = "--out") -> None:
+def check_not_overwriting_inputs(outputs, inputs: list[Path], what: str = "--out",
+                                 fix: str = "choose another output folder or --name") -> None:
     """Refuse when an output (written or replaced) is one of the input files: it would destroy them."""
     for out in outputs:
         out = Path(out)
@@ -137,5 +151,5 @@ def check_not_overwriting_inputs(outputs, inputs: list[Path], what: str = "--out
             if same:
                 raise InputError(
                     f"{what}: {out} is the input {src}; writing there would destroy it "
-                    "(choose another output folder or --name)"
+                    f"({fix})"
                 )

@@ -213,7 +213,8 @@ def check_generate_arguments(args) -> str | None:
     """Everything about the options that needs no guides and no model, before either is loaded.
     Returns the torch device to use."""
     from ._checks import (
-        check_device, check_not_overwriting_inputs, check_numbers, check_output_file, check_path_given, input_files,
+        check_device, check_not_overwriting_inputs, check_numbers, check_output_file, check_path_given,
+        check_video_file_name, input_files,
     )
 
     from ..errors import InputError
@@ -230,7 +231,9 @@ def check_generate_arguments(args) -> str | None:
     if args.size:
         parse_size(args.size)
     check_output_file(args.out)
-    check_not_overwriting_inputs([args.out], input_files(args.guides, args.color_video, args.mask_video))
+    check_video_file_name(args.out)
+    check_not_overwriting_inputs([args.out], input_files(args.guides, args.color_video, args.mask_video),
+                                 fix="choose another --out file")
     if args.device is None and args.generator == "draft":
         return None  # the draft fill runs on the CPU: no torch needed to pick a device
     return check_device(args.device)
