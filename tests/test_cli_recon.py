@@ -601,3 +601,16 @@ def test_unicode_shot_names_round_trip_through_file_names(tmp_path, tiny_clip, c
     assert names == sorted(p.format(n=n) for p in GUIDE_FILES for n in ("左から", "右から"))
     again = read_transforms(tmp_path / "out" / "cameras_左から.json")
     assert again.name == "左から" == plain_name(Path("cameras_左から").stem.replace("cameras_", ""))
+
+
+@pytest.mark.parametrize("cam, angle, hint", [
+    ("30", "60", "use --cam 60 for that arc, or --cam orbit_right --angle 60"),
+    ("180", "45", "use --cam orbit_right --angle 45 (EX-4D's arcs are 30, 60, 90, -30, -60, -90, 180)"),
+    ("-60", "60", "use --cam -60 alone, or --cam orbit_left --angle 60"),  # never the opposite direction
+    ("-30", "90", "use --cam -90 for that arc, or --cam orbit_left --angle 90"),
+    ("30", "120", "EX-4D's arcs and the orbits go up to 90 degrees; use --cam 90 for that arc, or --cam orbit_right --angle 90"),
+])
+def test_arc_with_another_angle_suggests_a_valid_move_the_same_way(tmp_path, capsys, cam, angle, hint):
+    code, _, err = run_cli(["recon", tmp_path / "unread.mp4", "--out", tmp_path / "out", "--cam", cam, "--angle", angle], capsys)
+    assert code == 2 and err.strip() == (f"error: --cam {cam} is EX-4D's fixed arc and takes no --angle (got --angle "
+                                         f"{angle}); {hint}"), err

@@ -142,7 +142,7 @@ def check_camera_options(args) -> None:
         if args.angle is not None and (cam == "180" or float(cam) != args.angle):
             raise InputError(
                 f"--cam {cam} is EX-4D's fixed arc and takes no --angle (got --angle {args.angle:g}); "
-                f"use --cam {args.angle:g} for that arc, or --cam orbit_right --angle {args.angle:g}"
+                + _instead_of_arc_with_angle(cam, args.angle)
             )
         for option, value in (("--distance", args.distance), ("--pivot", args.pivot)):
             if value is not None:
@@ -153,6 +153,24 @@ def check_camera_options(args) -> None:
     elif cam in PRESETS:
         if args.angle is not None:
             warnings.warn(f"--angle is ignored by --cam {cam} (it moves by --distance; orbits use --angle)")
+
+
+def _instead_of_arc_with_angle(cam: str, angle: float) -> str:
+    """What to type instead of ``--cam ARC --angle A``: a move of A degrees in the arc's own direction
+    (-60 moves left: never suggest 60), as one of EX-4D's released arcs where there is one, else as an
+    orbit; nothing above 90 degrees, which neither allows."""
+    from ..camera import PRESETS
+
+    left = float(cam) < 0  # 180 is a sweep that starts to the right
+    orbit = "orbit_left" if left else "orbit_right"
+    size = min(abs(angle), 90.0)
+    limit = "EX-4D's arcs and the orbits go up to 90 degrees; " if abs(angle) > 90.0 else ""
+    arc = f"{-size if left else size:g}"
+    if arc == cam:
+        return f"{limit}use --cam {cam} alone, or --cam {orbit} --angle {size:g}"
+    if arc in PRESETS:
+        return f"{limit}use --cam {arc} for that arc, or --cam {orbit} --angle {size:g}"
+    return f"{limit}use --cam {orbit} --angle {size:g} (EX-4D's arcs are {', '.join(p for p in PRESETS if _is_number(p))})"
 
 
 def _is_number(text: str) -> bool:
