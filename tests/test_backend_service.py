@@ -423,3 +423,13 @@ def test_client_run_again_says_it_replaced_the_earlier_set(service, tmp_path, ca
     code, stdout, err = _client_run(*args, "--angle", "30", "--guides-only", "--name", "or30")
     assert code == 0 and "replaced" not in stdout, err
     assert read_transforms(out / "cameras_or30.json").name == "or30"  # the camera file names its own set
+
+
+def test_client_ping_into_a_closed_pipe_exits_quietly(service):
+    """`ex4d client ping | head -0`: the reader is gone before the JSON is printed; no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "ex4d.cli", "client", "ping", "--address", service.address],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(ROOT))
+    proc.stdout.close()  # long before the client has connected and printed
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert proc.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err, err

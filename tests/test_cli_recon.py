@@ -537,12 +537,22 @@ def test_device_cuda_without_a_gpu(tmp_path, tiny_clip, capsys):
     (["--cam", "dolly_left", "--angle", "20"], "--angle is ignored by --cam dolly_left"),
     (["--cam", "orbit_right", "--distance", "1"], "--distance is ignored by --cam orbit_right"),
     (["--cam", "60", "--distance", "1"], "--distance is ignored by --cam 60"),
-    (["--cam", "60", "--pivot", "median"], "--pivot is ignored by --cam 60"),
+    (["--cam", "60", "--pivot", "median"], "--pivot median is ignored by --cam 60"),
 ])
 def test_camera_options_a_move_ignores_are_named(tmp_path, tiny_clip, capsys, args, warning):
     with pytest.warns(UserWarning, match=warning):
         code, _, err = run_cli(_shot_args(tiny_clip, tmp_path / "out", "--frames", "2", *args), capsys)
     assert code == 0, err
+
+
+def test_arc_with_its_own_pivot_does_not_warn(tmp_path, tiny_clip, capsys):
+    """--pivot ex4d is exactly the pivot EX-4D's arcs use: nothing is ignored, nothing to say."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, _, err = run_cli(_shot_args(tiny_clip, tmp_path / "out", "--frames", "2", "--cam", "90", "--pivot", "ex4d"), capsys)
+    assert code == 0 and "pivot" not in err, err
 
 
 def test_arc_with_its_own_angle_is_fine(tmp_path, tiny_clip, capsys):

@@ -284,3 +284,10 @@ def test_out_that_is_an_input_names_the_fix_generate_has(guides, tmp_path, capsy
     err = _generate_errors(capsys, "--color-video", colour, "--mask-video", d / "mask.mp4", "--generator", "draft",
                            "--out", colour)
     assert err.endswith("would destroy it (choose another --out file)") and "--name" not in err
+
+
+def test_guides_that_are_not_a_guides_file(guides, tmp_path, capsys):
+    np.savez(tmp_path / "depth.npz", depth=np.ones((2, 4, 4), np.float32))
+    err = _generate_errors(capsys, "--guides", tmp_path / "depth.npz", "--generator", "draft", "--out", tmp_path / "x.mp4")
+    assert err == (f"error: --guides {tmp_path / 'depth.npz'}: not a guides file (no 'color' or 'mask' array; "
+                   "render_<name>.npz from ex4d recon has 'color' and 'mask')")

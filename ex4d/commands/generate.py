@@ -120,12 +120,14 @@ def read_guides_npz(path: str, mask_threshold: float, strict_mask: bool) -> tupl
 
     try:
         with np.load(path) as data:
+            missing = [k for k in ("color", "mask") if k not in data.files]
+            if missing:  # e.g. a depth.npz given by mistake
+                raise InputError(f"--guides {path}: not a guides file (no {' or '.join(repr(k) for k in missing)} "
+                                 "array; render_<name>.npz from ex4d recon has 'color' and 'mask')")
             color, mask = np.asarray(data["color"]), np.asarray(data["mask"])
             fps = float(data["fps"]) if "fps" in data.files else None
     except FileNotFoundError:
         raise InputError(f"--guides {path}: file not found") from None
-    except KeyError as e:
-        raise InputError(f"--guides {path}: no {e} array (expected 'color' and 'mask', as render_<name>.npz has)") from None
     except (zipfile.BadZipFile, zlib.error, EOFError):
         raise InputError(f"--guides {path}: not a complete .npz file (truncated or corrupt)") from None
     except (OSError, ValueError, TypeError) as e:

@@ -144,9 +144,11 @@ def check_camera_options(args) -> None:
                 f"--cam {cam} is EX-4D's fixed arc and takes no --angle (got --angle {args.angle:g}); "
                 + _instead_of_arc_with_angle(cam, args.angle)
             )
-        for option, value in (("--distance", args.distance), ("--pivot", args.pivot)):
-            if value is not None:
-                warnings.warn(f"{option} is ignored by --cam {cam} (EX-4D's arcs orbit at min depth + 0.15)")
+        if args.distance is not None:
+            warnings.warn(f"--distance is ignored by --cam {cam} (EX-4D's arcs orbit at min depth + 0.15)")
+        if args.pivot == "median":  # --pivot ex4d is the arcs' own pivot: nothing is ignored
+            warnings.warn(f"--pivot median is ignored by --cam {cam} (EX-4D's arcs orbit at min depth + 0.15, "
+                          "--pivot ex4d)")
     elif cam in ORBIT_PRESETS:
         if args.distance is not None:
             warnings.warn(f"--distance is ignored by --cam {cam} (orbits keep their distance to the pivot; --angle sets the move)")
