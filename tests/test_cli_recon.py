@@ -624,3 +624,17 @@ def test_arc_with_another_angle_suggests_a_valid_move_the_same_way(tmp_path, cap
     code, _, err = run_cli(["recon", tmp_path / "unread.mp4", "--out", tmp_path / "out", "--cam", cam, "--angle", angle], capsys)
     assert code == 2 and err.strip() == (f"error: --cam {cam} is EX-4D's fixed arc and takes no --angle (got --angle "
                                          f"{angle}); {hint}"), err
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("args", [
+    ["recon", "{video}", "--depth", "{depth}", "--out", "/proc/ex4d-out"],
+    ["eval", "--scenes", "10", "--json", "/proc/ex4d-eval.json"],
+    ["generate", "--guides", "{depth}", "--generator", "draft", "--out", "/proc/ex4d-shot.mp4"],
+])
+def test_output_on_a_pseudo_file_system_fails_up_front(tiny_clip, capsys, args):
+    """os.access says yes for root on /proc; a real probe (create + remove a file) finds it before any work."""
+    args = [a.replace("{video}", str(tiny_clip.video)).replace("{depth}", str(tiny_clip.depth_file)) for a in args]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot " in err and "/proc" in err, err
+    assert not stdout
