@@ -436,9 +436,14 @@ def read_transforms(filename: str | os.PathLike, name: str | None = None) -> Cam
 
 
 def plain_name(text: str) -> str:
-    """``text`` as a shot name (letters, digits, '_', '-', '+', '.'; 64 at most): a file called
-    'my camera v2.json' names its move 'my_camera_v2'."""
-    name = "".join(c if (c.isascii() and c.isalnum()) or c in "_-+." else "_" for c in text).lstrip(".")[:64]
+    """``text`` as a shot name (letters and digits of any script, '_', '-', '+', '.'; 64 at most; the
+    rule of ``recon.check_name``): a file called 'my camera v2.json' names its move 'my_camera_v2',
+    '左から.json' stays '左から'."""
+    import unicodedata
+
+    # NFC: macOS file systems hand back decomposed names, whose combining marks are not letters
+    text = unicodedata.normalize("NFC", text)
+    name = "".join(c if c.isalnum() or c in "_-+." else "_" for c in text).lstrip(".")[:64]
     return name or "trajectory"
 
 

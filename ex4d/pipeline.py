@@ -159,8 +159,17 @@ def load_shot_inputs(
 
     if data is not None:
         stored_w, stored_h = info.stored_upright_size  # anamorphic clips: depth may come at the stored size
+        # A clip that decodes short of the frames its file lists (read_video allows one, an edit list can
+        # hide it) with depth for every listed frame: the video is short, not the depth. Use the decoded
+        # frames and the first depth maps rather than blame the depth.
+        video_short = num_frames is None and np.ndim(data.depth) == 3 and T < len(data.depth) == info.num_frames
+        if video_short:
+            warnings.warn(
+                f"{video}: the file lists {info.num_frames} frames but {T} decode (the video is short, not the "
+                f"depth); using the first {T} of the {info.num_frames} depth maps"
+            )
         depth_arr = check_depth(
-            data.depth, T, (h, w), source=data.source, allow_longer=num_frames is not None,
+            data.depth, T, (h, w), source=data.source, allow_longer=num_frames is not None or video_short,
             stored_size=(stored_h, stored_w), rotation=info.rotation,
         )
         depth_arr = fit_depth(depth_arr, (w, h), W, H, fit)
@@ -312,7 +321,7 @@ def write_shot(
     from .recon import _write_guide_files, check_guides, guide_file_names, shot_file_names, staged_output, write_mesh_files
     from .video import write_video
 
-    check_name(name)
+    name = check_name(name)
     T, H, W = np.asarray(result.guides.mask).shape
     check_guides(result.guides, T, H, W)
     if len(result.path) != T:

@@ -16,7 +16,6 @@ folder and moved into place only when all of them are complete, so a failure lea
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -155,13 +154,22 @@ def check_guides(guides, num_frames: int, height: int, width: int) -> None:
 # Files
 # --------------------------------------------------------------------------------------------------
 
-_NAME_OK = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,63}$")
+NAME_MAX = 64
+_NAME_PUNCTUATION = "_-+."
 
 
 def check_name(name: str) -> str:
-    """Shot names become parts of file names: keep them plain."""
-    if not _NAME_OK.match(name or ""):
-        raise InputError(f"shot name '{name}' must be 1-64 letters, digits, '_', '-', '+' or '.' (not first); no folders")
+    """Shot names become parts of file names: keep them plain. Letters and digits of any script
+    (``str.isalnum``: '左から', 'café'), '_', '-', '+', '.' (not first); no separators or control
+    characters. The same rule as ``camera.plain_name``, which makes names from file names. Returns
+    the name in NFC, as ``plain_name`` does, so both spell it alike."""
+    import unicodedata
+
+    name = unicodedata.normalize("NFC", name or "")
+    if not (0 < len(name) <= NAME_MAX and not name.startswith(".")
+            and all(c.isalnum() or c in _NAME_PUNCTUATION for c in name)):
+        raise InputError(f"shot name '{name}' must be 1-{NAME_MAX} letters, digits, '_', '-', '+' or '.' (not first); "
+                         "no folders")
     return name
 
 
@@ -261,14 +269,17 @@ def _write_guide_files(folder: Path, name: str, guides, path: CameraPath, fps: f
     write_video(files["mask"], mask.astype(np.uint8) * 255, fps)
     # fps: so `ex4d generate --guides` writes the shot at the source's rate, not a guessed one
     write_npz_atomic(files["render"], color=color, mask=mask, fps=np.float64(fps))
-    write_transforms(path, files["cameras"])
+    # the file carries the shot's name (--name), not the preset's: read back with --trajectory, it must
+    # name the same set of files it came from
+    named = CameraPath(path.c2w, path.K, path.width, path.height, name=name, meta=dict(path.meta))
+    write_transforms(named, files["cameras"])
     return files
 
 
 def write_guides(out_dir: str | os.PathLike, name: str, guides, path: CameraPath, fps: float) -> dict[str, Path]:
     """Write the four guide files for ``name`` into ``out_dir`` (all or nothing) and remove the rest of
     an earlier set of that name (its shot and mesh, made from other guides). Returns their paths."""
-    check_name(name)
+    name = check_name(name)
     T, H, W = np.asarray(guides.mask).shape
     check_guides(guides, T, H, W)
     if len(path) != T:

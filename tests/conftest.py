@@ -137,6 +137,21 @@ def cut_clip(tmp_path, num_frames=24, keep=0.7) -> Path:
     return cut
 
 
+def clip_missing_last_frame(tmp_path, num_frames=24) -> Path:
+    """A clip whose index lists ``num_frames`` frames but whose data ends just before the last one's:
+    ``num_frames - 1`` decode, as a copy missing its final packet (or an edit list hiding one) leaves it."""
+    import av
+
+    frames, _, _ = make_tiny_scene(num_frames)
+    full = write_clip(tmp_path / "full.mp4", frames, container_options={"movflags": "faststart"}, crf=30)
+    with av.open(str(full)) as container:
+        last = max((p for p in container.demux(container.streams.video[0]) if p.size > 0), key=lambda p: p.pos)
+    short = tmp_path / "short.mp4"
+    short.write_bytes(full.read_bytes()[: last.pos])
+    full.unlink()
+    return short
+
+
 # Track-header display matrices (a b u / c d v / x y w; 16.16 fixed point, u v w 2.30) by clockwise turn.
 _DISPLAY_MATRICES = {
     90: (0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000),

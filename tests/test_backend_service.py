@@ -364,3 +364,72 @@ def test_nowait_calls_answer_through_poll(service):
         c.fetch_nowait("0" * 32)
         ev, _ = until(c, lambda e: e.job_id == "0" * 32)
         assert ev.type == "error" and ev.header["code"] == "unknown_job"
+
+
+def _client_run(service, capsys, video, depth, out, *extra):
+    from ex4d.cli import main
+
+    code = main(["client", "run", str(video), "--depth", str(depth), "--focal", str(FOCAL), "--steps", "1", "--quiet",
+                 "--address", service.address, "--out", str(out), *map(str, extra)])
+    stdout, err = capsys.readouterr()
+    return code, stdout, err
+
+
+@pytest.mark.parametrize("input_name, extra", [
+    ("color_orbit_right.mp4", ["--guides-only"]),  # the colour guide over the input video
+    ("shot_orbit_right.mp4", []),  # the shot over the input video
+    ("cameras_orbit_right.json", []),  # the camera file over the --trajectory that was read
+])
+def test_client_run_refuses_an_output_that_is_an_input(service, tmp_path, capsys, input_name, extra):
+    """As `ex4d run`: refused before the backend is contacted (no job), the input untouched."""
+    from ex4d.camera import CameraPath, Intrinsics, orbit_poses, write_transforms
+    from ex4d.video import write_video
+
+    frames, depth = make_inputs()
+    out = tmp_path / "out"
+    out.mkdir()
+    video, trajectory = tmp_path / "clip.mp4", []
+    if input_name.endswith(".mp4"):
+        video = out / input_name
+    write_video(video, frames, 8.0)
+    np.savez(tmp_path / "depth.npz", depth=depth)
+    if input_name.endswith(".json"):
+        path = CameraPath(orbit_poses(T, 2.0, yaw_deg=20), Intrinsics.from_focal(FOCAL, W, H).K, W, H, name="orbit_right")
+        write_transforms(path, out / input_name)
+        trajectory = ["--trajectory", out / input_name]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = _client_run(service, capsys, video, tmp_path / "depth.npz", out, *trajectory, *extra)
+    assert code == 2 and "Traceback" not in err and "submitted" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: --out:") and "would destroy it" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_client_run_again_says_it_replaced_the_earlier_set(service, tmp_path, capsys):
+    from ex4d.camera import read_transforms
+    from ex4d.video import write_video
+
+    frames, depth = make_inputs()
+    write_video(tmp_path / "clip.mp4", frames, 8.0)
+    np.savez(tmp_path / "depth.npz", depth=depth)
+    out = tmp_path / "out"
+    args = (service, capsys, tmp_path / "clip.mp4", tmp_path / "depth.npz", out)
+    code, stdout, err = _client_run(*args, "--angle", "20")
+    assert code == 0 and "replaced" not in stdout, err
+    code, stdout, err = _client_run(*args, "--angle", "40", "--guides-only")
+    assert code == 0, err
+    assert stdout.strip().splitlines()[-1] == (f"replaced the earlier 'orbit_right' shot in {out}; removed shot_orbit_right.mp4 "
+                                               "(not made by this run); pass --name to keep both")
+    assert not (out / "shot_orbit_right.mp4").exists()
+    code, stdout, err = _client_run(*args, "--angle", "30", "--guides-only", "--name", "or30")
+    assert code == 0 and "replaced" not in stdout, err
+    assert read_transforms(out / "cameras_or30.json").name == "or30"  # the camera file names its own set
+
+
+def test_client_ping_into_a_closed_pipe_exits_quietly(service):
+    """`ex4d client ping | head -0`: the reader is gone before the JSON is printed; no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "ex4d.cli", "client", "ping", "--address", service.address],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(ROOT))
+    proc.stdout.close()  # long before the client has connected and printed
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert proc.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -372,6 +372,26 @@ def test_cut_short_video_is_blamed_not_the_depth(tmp_path, capsys):
     assert code == 0, err
 
 
+def test_video_one_frame_short_uses_the_listed_depth_with_a_warning(tmp_path, capsys):
+    """The mp4 lists 24 frames, 23 decode, the depth has 24 (one per listed frame): the footage is fine
+    but for its last frame, so the shot uses 23 frames and the warning names the video as short."""
+    from conftest import clip_missing_last_frame, make_tiny_scene
+
+    short = clip_missing_last_frame(tmp_path)
+    _, depth, K = make_tiny_scene(24)
+    write_npz_atomic(tmp_path / "depth.npz", depth=depth, K=K)
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match=r"lists 24 frames but 23 decode \(the video is short, not the depth\); "
+                      r"using the first 23 of the 24 depth maps"):
+        code, _, err = run_cli(["recon", short, "--depth", tmp_path / "depth.npz", "--out", out, "--quiet"], capsys)
+    assert code == 0 and "depth has" not in err, err
+    assert probe_video(out / "color_orbit_right.mp4").num_frames == 23
+    # depth of another length is still the depth's problem
+    write_npz_atomic(tmp_path / "depth20.npz", depth=depth[:20], K=K)
+    code, _, err = run_cli(["recon", short, "--depth", tmp_path / "depth20.npz", "--out", out, "--quiet"], capsys)
+    assert code == 2 and "depth has 20 frames but the video has 23" in err
+
+
 def test_large_size_warning_suggests_the_clips_own_aspect(tmp_path):
     """A portrait clip: the suggested preview size is portrait too (--fit resize would stretch 512x288)."""
     from conftest import make_tiny_scene
@@ -517,12 +537,22 @@ def test_device_cuda_without_a_gpu(tmp_path, tiny_clip, capsys):
     (["--cam", "dolly_left", "--angle", "20"], "--angle is ignored by --cam dolly_left"),
     (["--cam", "orbit_right", "--distance", "1"], "--distance is ignored by --cam orbit_right"),
     (["--cam", "60", "--distance", "1"], "--distance is ignored by --cam 60"),
-    (["--cam", "60", "--pivot", "median"], "--pivot is ignored by --cam 60"),
+    (["--cam", "60", "--pivot", "median"], "--pivot median is ignored by --cam 60"),
 ])
 def test_camera_options_a_move_ignores_are_named(tmp_path, tiny_clip, capsys, args, warning):
     with pytest.warns(UserWarning, match=warning):
         code, _, err = run_cli(_shot_args(tiny_clip, tmp_path / "out", "--frames", "2", *args), capsys)
     assert code == 0, err
+
+
+def test_arc_with_its_own_pivot_does_not_warn(tmp_path, tiny_clip, capsys):
+    """--pivot ex4d is exactly the pivot EX-4D's arcs use: nothing is ignored, nothing to say."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, _, err = run_cli(_shot_args(tiny_clip, tmp_path / "out", "--frames", "2", "--cam", "90", "--pivot", "ex4d"), capsys)
+    assert code == 0 and "pivot" not in err, err
 
 
 def test_arc_with_its_own_angle_is_fine(tmp_path, tiny_clip, capsys):
@@ -537,3 +567,74 @@ def test_client_run_checks_the_same_options_before_sending(tmp_path, tiny_clip, 
         code, _, err = run_cli(["client", "run", tiny_clip.video, "--depth", tiny_clip.depth_file, "--address",
                                 "tcp://127.0.0.1:9", *extra], capsys)
         assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and expected in err, err
+
+
+def test_camera_file_carries_the_shots_name(tmp_path, tiny_clip, capsys):
+    """--name or30 writes cameras_or30.json saying 'or30': reused as --trajectory it makes *_or30 again,
+    not *_orbit_right (which would replace that set)."""
+    out = tmp_path / "out"
+    code, _, err = run_cli(_shot_args(tiny_clip, out, "--frames", "2", "--name", "or30"), capsys)
+    assert code == 0, err
+    assert read_transforms(out / "cameras_or30.json").name == "or30"
+    code, stdout, err = run_cli(_shot_args(tiny_clip, tmp_path / "again", "--frames", "2", "--trajectory",
+                                           out / "cameras_or30.json"), capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == sorted(p.format(n="or30") for p in GUIDE_FILES)
+
+
+def test_unicode_shot_names_round_trip_through_file_names(tmp_path, tiny_clip, capsys):
+    """左から.json and 右から.json name two moves (not both '___'), --name 左から is a name, and the
+    camera file written for it reads back under the same name."""
+    import unicodedata
+
+    from ex4d.camera import plain_name
+    from ex4d.recon import check_name
+
+    assert plain_name("左から") == "左から" != plain_name("右から")
+    assert plain_name(unicodedata.normalize("NFD", "café")) == "café" == check_name(unicodedata.normalize("NFD", "café"))
+    for bad in ("a/b", "..", ".hidden", "tab\there", "x" * 65, ""):
+        with pytest.raises(Exception, match="shot name"):
+            check_name(bad)
+    from ex4d.camera import path_to_transforms
+
+    data = path_to_transforms(CameraPath(orbit_poses(2, 4.0, yaw_deg=10), tiny_clip.K, *tiny_clip.size))
+    del data["ex4d"]["name"]  # as a file from another tool: its file name names the move
+    for stem in ("左から", "右から"):
+        (tmp_path / f"{stem}.json").write_text(json.dumps(data), encoding="utf-8")
+        code, stdout, err = run_cli(_shot_args(tiny_clip, tmp_path / "out", "--frames", "2", "--trajectory",
+                                               tmp_path / f"{stem}.json"), capsys)
+        assert code == 0 and "replaced" not in stdout, err
+    code, _, err = run_cli(_shot_args(tiny_clip, tmp_path / "named", "--frames", "2", "--name", "左から"), capsys)
+    assert code == 0 and (tmp_path / "named" / "shot_左から.mp4").exists() is False, err
+    assert (tmp_path / "named" / "color_左から.mp4").is_file()
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == sorted(p.format(n=n) for p in GUIDE_FILES for n in ("左から", "右から"))
+    again = read_transforms(tmp_path / "out" / "cameras_左から.json")
+    assert again.name == "左から" == plain_name(Path("cameras_左から").stem.replace("cameras_", ""))
+
+
+@pytest.mark.parametrize("cam, angle, hint", [
+    ("30", "60", "use --cam 60 for that arc, or --cam orbit_right --angle 60"),
+    ("180", "45", "use --cam orbit_right --angle 45 (EX-4D's arcs are 30, 60, 90, -30, -60, -90, 180)"),
+    ("-60", "60", "use --cam -60 alone, or --cam orbit_left --angle 60"),  # never the opposite direction
+    ("-30", "90", "use --cam -90 for that arc, or --cam orbit_left --angle 90"),
+    ("30", "120", "EX-4D's arcs and the orbits go up to 90 degrees; use --cam 90 for that arc, or --cam orbit_right --angle 90"),
+])
+def test_arc_with_another_angle_suggests_a_valid_move_the_same_way(tmp_path, capsys, cam, angle, hint):
+    code, _, err = run_cli(["recon", tmp_path / "unread.mp4", "--out", tmp_path / "out", "--cam", cam, "--angle", angle], capsys)
+    assert code == 2 and err.strip() == (f"error: --cam {cam} is EX-4D's fixed arc and takes no --angle (got --angle "
+                                         f"{angle}); {hint}"), err
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("args", [
+    ["recon", "{video}", "--depth", "{depth}", "--out", "/proc/ex4d-out"],
+    ["eval", "--scenes", "10", "--json", "/proc/ex4d-eval.json"],
+    ["generate", "--guides", "{depth}", "--generator", "draft", "--out", "/proc/ex4d-shot.mp4"],
+])
+def test_output_on_a_pseudo_file_system_fails_up_front(tiny_clip, capsys, args):
+    """os.access says yes for root on /proc; a real probe (create + remove a file) finds it before any work."""
+    args = [a.replace("{video}", str(tiny_clip.video)).replace("{depth}", str(tiny_clip.depth_file)) for a in args]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot " in err and "/proc" in err, err
+    assert not stdout

@@ -225,3 +225,69 @@ def test_odd_guides_print_the_size_written(tmp_path, capsys):
         code, stdout, err = run(capsys, "--guides", tmp_path / "odd.npz", "--generator", "draft", "--out", tmp_path / "o.mp4")
     assert code == 0, err
     assert "48x34" in stdout and read_video(tmp_path / "o.mp4").frames.shape[1:3] == (34, 48)
+
+
+def test_mask_threshold_1_is_refused_before_reading(guides, tmp_path, capsys):
+    """valid = brighter than threshold x 255: at 1 nothing is valid, the whole shot would be invented."""
+    d, _, _ = guides
+    err = _generate_errors(capsys, "--color-video", d / "color.mp4", "--mask-video", tmp_path / "not-read.mp4",
+                           "--mask-threshold", "1", "--generator", "draft", "--out", tmp_path / "x.mp4")
+    assert err == ("error: --mask-threshold must be between 0 and 1, 1 excluded (a valid pixel is brighter than "
+                   "threshold x 255), got 1")
+
+
+@pytest.mark.parametrize("source", ["npz", "video"])
+def test_mask_without_a_valid_pixel_is_an_error(guides, tmp_path, capsys, source):
+    d, color, mask = guides
+    empty = np.zeros_like(mask)
+    if source == "npz":
+        np.savez(tmp_path / "render.npz", color=color, mask=empty)
+        args = ["--guides", tmp_path / "render.npz"]
+    else:
+        write_video(tmp_path / "mask.mp4", empty.astype(np.uint8), 15)
+        args = ["--color-video", d / "color.mp4", "--mask-video", tmp_path / "mask.mp4"]
+    err = _generate_errors(capsys, *args, "--generator", "draft", "--out", tmp_path / "x.mp4")
+    assert "no valid guide pixel in any frame" in err and "check --mask-threshold" in err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_mostly_empty_mask_warns(guides, tmp_path, capsys):
+    d, color, mask = guides
+    few = np.zeros_like(mask)
+    few[0, :2, :2] = True  # 4 of 13824 pixels
+    np.savez(tmp_path / "render.npz", color=color, mask=few)
+    with pytest.warns(UserWarning, match=r"only 0\.03% of guide pixels are valid"):
+        code, _, err = run(capsys, "--guides", tmp_path / "render.npz", "--generator", "draft", "--out", tmp_path / "x.mp4")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("newdir/", "ends in a separator (a folder); give a video file name such as {out}shot.mp4"),
+    ("x.npz", "the shot is written as MP4 (H.264); give a file name ending in .mp4"),
+    ("x.png", "the shot is written as MP4 (H.264); give a file name ending in .mp4"),
+    ("x.gif", "the shot is written as MP4 (H.264); give a file name ending in .mp4"),
+    ("shot", "the shot is written as MP4 (H.264); give a file name ending in .mp4"),
+])
+def test_out_must_be_an_mp4_file_name(guides, tmp_path, capsys, name, expected):
+    """write_video writes MP4: 'newdir/' must not become a file called newdir, nor x.gif hold MP4 data."""
+    d, _, _ = guides
+    out = str(tmp_path / name) + ("/" if name.endswith("/") else "")
+    err = _generate_errors(capsys, "--guides", d / "render.npz", "--generator", "draft", "--out", out)
+    assert err == f"error: --out {out}" + (" " if name.endswith("/") else ": ") + expected.format(out=out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_that_is_an_input_names_the_fix_generate_has(guides, tmp_path, capsys):
+    d, _, _ = guides
+    colour = tmp_path / "color.mp4"
+    colour.write_bytes((d / "color.mp4").read_bytes())
+    err = _generate_errors(capsys, "--color-video", colour, "--mask-video", d / "mask.mp4", "--generator", "draft",
+                           "--out", colour)
+    assert err.endswith("would destroy it (choose another --out file)") and "--name" not in err
+
+
+def test_guides_that_are_not_a_guides_file(guides, tmp_path, capsys):
+    np.savez(tmp_path / "depth.npz", depth=np.ones((2, 4, 4), np.float32))
+    err = _generate_errors(capsys, "--guides", tmp_path / "depth.npz", "--generator", "draft", "--out", tmp_path / "x.mp4")
+    assert err == (f"error: --guides {tmp_path / 'depth.npz'}: not a guides file (no 'color' or 'mask' array; "
+                   "render_<name>.npz from ex4d recon has 'color' and 'mask')")

@@ -80,12 +80,18 @@ def check_output_folder(out: str | os.PathLike) -> None:
             raise InputError(f"--out {out} exists and is not a folder")
         if not os.access(out, os.W_OK | os.X_OK):
             raise InputError(f"--out {out}: the folder is not writable")
+        failed = _write_probe(out)
+        if failed:
+            raise InputError(f"--out {out}: cannot write files there ({failed})")
         return
     parent = _nearest_existing(out)
     if not parent.is_dir():
         raise InputError(f"--out {out}: {parent} is a file, so the folder cannot be created")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"--out {out}: cannot create it, {parent} is not writable")
+    failed = _write_probe(parent)  # without making the folder: a failed run must not leave it behind
+    if failed:
+        raise InputError(f"--out {out}: cannot create it in {parent} ({failed})")
 
 
 def check_output_file(path: str | os.PathLike, option: str = "--out") -> None:
@@ -98,6 +104,45 @@ def check_output_file(path: str | os.PathLike, option: str = "--out") -> None:
         raise InputError(f"{option} {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise InputError(f"{option} {path}: not writable")
+    failed = _write_probe(folder)
+    if failed:
+        raise InputError(f"{option} {path}: cannot write files in {folder} ({failed})")
+
+
+def _write_probe(folder: Path) -> str | None:
+    """Create and remove a small file in ``folder``: None when that works, else why not. os.access
+    answers yes for root everywhere, also on read-only mounts and pseudo file systems such as /proc,
+    where the real write would fail only after the whole shot was computed."""
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".ex4d-probe-", dir=folder)
+    except OSError as e:
+        return e.strerror or str(e)
+    try:
+        os.write(fd, b"x")  # some file systems accept the create and refuse the data
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+    return None
+
+
+VIDEO_SUFFIXES = (".mp4",)  # what write_video writes: H.264 in an MP4 container, whatever the name says
+
+
+def check_video_file_name(path: str | os.PathLike, option: str = "--out") -> None:
+    """An output video's name: a file (no trailing separator, which means a folder) ending in .mp4, so
+    the name says what write_video puts in it (an 'x.gif' or 'x.npz' would hold MP4 data)."""
+    text = os.fspath(path)
+    if text.endswith(("/", os.sep)) or (os.altsep and text.endswith(os.altsep)):
+        raise InputError(f"{option} {text} ends in a separator (a folder); give a video file name such as {text}shot.mp4")
+    if Path(text).suffix.lower() not in VIDEO_SUFFIXES:
+        raise InputError(f"{option} {text}: the shot is written as MP4 (H.264); give a file name ending in .mp4")
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -123,7 +168,8 @@ def input_files(*paths: str | os.PathLike | None) -> list[Path]:
     return files
 
 
-def check_not_overwriting_inputs(outputs, inputs: list[Path], what: str = "--out") -> None:
+def check_not_overwriting_inputs(outputs, inputs: list[Path], what: str = "--out",
+                                 fix: str = "choose another output folder or --name") -> None:
     """Refuse when an output (written or replaced) is one of the input files: it would destroy them."""
     for out in outputs:
         out = Path(out)
@@ -137,5 +183,5 @@ def check_not_overwriting_inputs(outputs, inputs: list[Path], what: str = "--out
             if same:
                 raise InputError(
                     f"{what}: {out} is the input {src}; writing there would destroy it "
-                    "(choose another output folder or --name)"
+                    f"({fix})"
                 )

@@ -35,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed: noise and mask erosion (default 0)")
     p.add_argument("--frames", type=int, metavar="N", help="use only the first N frames")
     p.add_argument("--size", metavar="WxH", help="resize the guides to this size first, even numbers (the release uses 512x512)")
-    p.add_argument("--mask-threshold", type=float, default=0.5, help="grey mask pixels above this share of white count as valid, 0..1 (default 0.5, the release's)")
+    p.add_argument("--mask-threshold", type=float, default=0.5, help="mask pixels brighter than this share of white count as valid, 0 <= T < 1 (default 0.5, the release's)")
     p.add_argument("--strict-mask", action="store_true", help="refuse a mask video that is not strictly black/white")
     p.add_argument("--fps", type=float, help="output frame rate (default: the colour video's, or the one the .npz stores; 15 for an .npz without one)")
     p.set_defaults(func=cmd_generate)
@@ -120,12 +120,14 @@ def read_guides_npz(path: str, mask_threshold: float, strict_mask: bool) -> tupl
 
     try:
         with np.load(path) as data:
+            missing = [k for k in ("color", "mask") if k not in data.files]
+            if missing:  # e.g. a depth.npz given by mistake
+                raise InputError(f"--guides {path}: not a guides file (no {' or '.join(repr(k) for k in missing)} "
+                                 "array; render_<name>.npz from ex4d recon has 'color' and 'mask')")
             color, mask = np.asarray(data["color"]), np.asarray(data["mask"])
             fps = float(data["fps"]) if "fps" in data.files else None
     except FileNotFoundError:
         raise InputError(f"--guides {path}: file not found") from None
-    except KeyError as e:
-        raise InputError(f"--guides {path}: no {e} array (expected 'color' and 'mask', as render_<name>.npz has)") from None
     except (zipfile.BadZipFile, zlib.error, EOFError):
         raise InputError(f"--guides {path}: not a complete .npz file (truncated or corrupt)") from None
     except (OSError, ValueError, TypeError) as e:
@@ -184,25 +186,56 @@ def load_guides(args) -> tuple:
         w, h = parse_size(args.size)
         color = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in color])
         mask = np.stack([cv2.resize(f.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) for f in mask]) > 0
+    check_mask_coverage(mask, args.guides or args.mask_video, args.mask_threshold)
     return np.ascontiguousarray(color), np.ascontiguousarray(mask), fps
+
+
+MOSTLY_EMPTY_MASK = 0.01  # below this share of valid guide pixels the shot is nearly all invented: say so
+
+
+def check_mask_coverage(mask, source: str, threshold: float) -> None:
+    """A mask with no valid pixel makes an all-generated (with draft: black) shot from nothing: that is a
+    wrong threshold or the wrong file, not a shot anyone wants. A nearly empty one gets a warning."""
+    import warnings
+
+    from ..errors import InputError
+
+    valid = float(mask.mean()) if mask.size else 0.0
+    if valid == 0.0:
+        raise InputError(
+            f"{source}: no valid guide pixel in any frame (the mask is all black); check --mask-threshold "
+            f"({threshold:g}: pixels must be brighter than {threshold * 255:.0f} of 255) / the mask video"
+        )
+    if valid < MOSTLY_EMPTY_MASK:
+        warnings.warn(f"{source}: only {valid:.2%} of guide pixels are valid; nearly all of the shot will be "
+                      "generated (check --mask-threshold / the mask video)")
 
 
 def check_generate_arguments(args) -> str | None:
     """Everything about the options that needs no guides and no model, before either is loaded.
     Returns the torch device to use."""
     from ._checks import (
-        check_device, check_not_overwriting_inputs, check_numbers, check_output_file, check_path_given, input_files,
+        check_device, check_not_overwriting_inputs, check_numbers, check_output_file, check_path_given,
+        check_video_file_name, input_files,
     )
+
+    from ..errors import InputError
 
     check_path_given(args.out)
     for option in ("guides", "color_video", "mask_video"):
         check_path_given(getattr(args, option), "--" + option.replace("_", "-"))
-    check_numbers(args, steps="count", frames="count", cfg="finite", fps="positive", mask_threshold="unit",
+    check_numbers(args, steps="count", frames="count", cfg="finite", fps="positive", mask_threshold="finite",
                   vram_limit="non_negative", preview_cache="non_negative")
+    if args.mask_threshold is not None and not 0.0 <= args.mask_threshold < 1.0:
+        # valid = brighter than threshold x 255: at 1 no pixel can be, every frame would be generated
+        raise InputError(f"--mask-threshold must be between 0 and 1, 1 excluded (a valid pixel is brighter than "
+                         f"threshold x 255), got {args.mask_threshold:g}")
     if args.size:
         parse_size(args.size)
     check_output_file(args.out)
-    check_not_overwriting_inputs([args.out], input_files(args.guides, args.color_video, args.mask_video))
+    check_video_file_name(args.out)
+    check_not_overwriting_inputs([args.out], input_files(args.guides, args.color_video, args.mask_video),
+                                 fix="choose another --out file")
     if args.device is None and args.generator == "draft":
         return None  # the draft fill runs on the CPU: no torch needed to pick a device
     return check_device(args.device)

@@ -142,17 +142,37 @@ def check_camera_options(args) -> None:
         if args.angle is not None and (cam == "180" or float(cam) != args.angle):
             raise InputError(
                 f"--cam {cam} is EX-4D's fixed arc and takes no --angle (got --angle {args.angle:g}); "
-                f"use --cam {args.angle:g} for that arc, or --cam orbit_right --angle {args.angle:g}"
+                + _instead_of_arc_with_angle(cam, args.angle)
             )
-        for option, value in (("--distance", args.distance), ("--pivot", args.pivot)):
-            if value is not None:
-                warnings.warn(f"{option} is ignored by --cam {cam} (EX-4D's arcs orbit at min depth + 0.15)")
+        if args.distance is not None:
+            warnings.warn(f"--distance is ignored by --cam {cam} (EX-4D's arcs orbit at min depth + 0.15)")
+        if args.pivot == "median":  # --pivot ex4d is the arcs' own pivot: nothing is ignored
+            warnings.warn(f"--pivot median is ignored by --cam {cam} (EX-4D's arcs orbit at min depth + 0.15, "
+                          "--pivot ex4d)")
     elif cam in ORBIT_PRESETS:
         if args.distance is not None:
             warnings.warn(f"--distance is ignored by --cam {cam} (orbits keep their distance to the pivot; --angle sets the move)")
     elif cam in PRESETS:
         if args.angle is not None:
             warnings.warn(f"--angle is ignored by --cam {cam} (it moves by --distance; orbits use --angle)")
+
+
+def _instead_of_arc_with_angle(cam: str, angle: float) -> str:
+    """What to type instead of ``--cam ARC --angle A``: a move of A degrees in the arc's own direction
+    (-60 moves left: never suggest 60), as one of EX-4D's released arcs where there is one, else as an
+    orbit; nothing above 90 degrees, which neither allows."""
+    from ..camera import PRESETS
+
+    left = float(cam) < 0  # 180 is a sweep that starts to the right
+    orbit = "orbit_left" if left else "orbit_right"
+    size = min(abs(angle), 90.0)
+    limit = "EX-4D's arcs and the orbits go up to 90 degrees; " if abs(angle) > 90.0 else ""
+    arc = f"{-size if left else size:g}"
+    if arc == cam:
+        return f"{limit}use --cam {cam} alone, or --cam {orbit} --angle {size:g}"
+    if arc in PRESETS:
+        return f"{limit}use --cam {arc} for that arc, or --cam {orbit} --angle {size:g}"
+    return f"{limit}use --cam {orbit} --angle {size:g} (EX-4D's arcs are {', '.join(p for p in PRESETS if _is_number(p))})"
 
 
 def _is_number(text: str) -> bool:
@@ -165,11 +185,9 @@ def _is_number(text: str) -> bool:
 
 def _recon_or_run(args, generate: bool) -> int:
     from ..camera import read_transforms
-    from ..pipeline import DEFAULT_PRESET, load_shot_inputs, make_camera_path, parse_size, run_shot, write_shot
-    from ..recon import check_name, shot_file_names
-    from ._checks import (
-        check_device, check_not_overwriting_inputs, check_numbers, check_output_folder, check_path_given, input_files,
-    )
+    from ..pipeline import load_shot_inputs, make_camera_path, parse_size, run_shot, write_shot
+    from ..recon import check_name
+    from ._checks import check_device, check_numbers, check_output_folder, check_path_given
 
     # Everything cheap first: a typo must not cost a video decode and a mesh.
     check_path_given(args.out)
@@ -182,12 +200,9 @@ def _recon_or_run(args, generate: bool) -> int:
     check_camera_options(args)
     check_output_folder(args.out)
     trajectory = read_transforms(args.trajectory) if args.trajectory is not None else None
-    name = check_name(args.name or (trajectory.name if trajectory is not None else args.cam or DEFAULT_PRESET))
+    name, earlier = plan_shot_output(args, trajectory)
     out = Path(args.out)
-    shot_files = [out / n for n in shot_file_names(name)]
-    check_not_overwriting_inputs(shot_files, input_files(args.video, args.depth, args.trajectory))
     device = check_device(args.device)
-    earlier = [p.name for p in shot_files if p.is_file()]
 
     progress = TqdmProgress(enabled=not args.quiet)
     try:
@@ -221,11 +236,29 @@ def _recon_or_run(args, generate: bool) -> int:
         from .generate import print_generation_summary
 
         print_generation_summary(result.info["generation"])
+    print_written(files, name, out, earlier)
+    return 0
+
+
+def plan_shot_output(args, trajectory) -> tuple[str, list[str]]:
+    """The shot's name and the files of an earlier set of that name in ``--out``, checked before any
+    work (shared by ``recon``/``run`` and ``client run``): refuses when a file of the set (written or
+    removed) is one of the inputs."""
+    from ..pipeline import DEFAULT_PRESET
+    from ..recon import check_name, shot_file_names
+    from ._checks import check_not_overwriting_inputs, input_files
+
+    name = check_name(args.name or (trajectory.name if trajectory is not None else args.cam or DEFAULT_PRESET))
+    shot_files = [Path(args.out) / n for n in shot_file_names(name)]
+    check_not_overwriting_inputs(shot_files, input_files(args.video, args.depth, args.trajectory))
+    return name, [p.name for p in shot_files if p.is_file()]
+
+
+def print_written(files, name: str, out, earlier: list[str]) -> None:
     for f in files:
         print(f"wrote {f}")
     if earlier:
-        print(replaced_line(name, out, earlier, [f.name for f in files]))
-    return 0
+        print(replaced_line(name, out, earlier, [Path(f).name for f in files]))
 
 
 def replaced_line(name: str, out, earlier: list[str], written: list[str]) -> str:

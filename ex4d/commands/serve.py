@@ -237,11 +237,11 @@ def cmd_run(args) -> int:
 
     import numpy as np
 
-    from ..camera import CameraPath
+    from ..camera import CameraPath, read_transforms
     from ..pipeline import ShotResult, parse_size, write_shot
     from ..recon import check_name
     from ._checks import check_numbers, check_output_folder, check_path_given
-    from .recon import check_camera_options
+    from .recon import check_camera_options, plan_shot_output, print_written
 
     # the same cheap checks as `ex4d run`, before the video is read and sent
     check_path_given(args.out)
@@ -252,6 +252,9 @@ def cmd_run(args) -> int:
     if args.name is not None:
         check_name(args.name)
     size = parse_size(args.size)
+    trajectory = read_transforms(args.trajectory) if args.trajectory else None
+    # as `ex4d run`: inputs among the outputs are refused, and an earlier set of the name is reported
+    name, earlier = plan_shot_output(args, trajectory)
     progress = _progress_bar(args.quiet)
     inputs = _read_shot_inputs(args, size, progress)
     frames, depth, intr, fps = inputs
@@ -267,10 +270,10 @@ def cmd_run(args) -> int:
         arrays["depth"] = depth
     else:
         params["depth_model"] = args.depth_model
-    if args.trajectory:
+    if trajectory is not None:
         from ..pipeline import make_camera_path
 
-        path = make_camera_path(T, intr, None, trajectory=args.trajectory)
+        path = make_camera_path(T, intr, None, trajectory=trajectory)
         arrays["c2w"], arrays["K"] = path.c2w, path.K
         params.update(width=path.width, height=path.height, name=path.name)
     cancel = threading.Event()
@@ -290,8 +293,7 @@ def cmd_run(args) -> int:
         finally:
             progress.close()
     r = result.arrays
-    path = CameraPath(np.array(r["c2w"]), np.array(r["K"]), W, H, name=str(result.params.get("name", "path")))
-    name = check_name(args.name or path.name)
+    path = CameraPath(np.array(r["c2w"]), np.array(r["K"]), W, H, name=name)
 
     class _Guides:
         color, mask = np.asarray(r["color"]), np.asarray(r["mask"])
@@ -300,8 +302,7 @@ def cmd_run(args) -> int:
     files = write_shot(args.out, name, shot, fps)
     print(f"{T} frames at {W}x{H}; camera '{path.name}'; {float(shot.guides.mask.mean()):.1%} of guide pixels valid; "
           f"backend time {result.params.get('seconds', 0):.1f} s")
-    for f in files:
-        print(f"wrote {f}")
+    print_written(files, name, args.out, earlier)
     return 0
 
 
