@@ -85,8 +85,8 @@ def working_intrinsics(width: int, height: int, focal_px: float = 0.0, fov_deg: 
 
 
 def shot_name(video_path: str) -> str:
+    """The shot's name from its video file, by the library's rule for shot names (any script's letters)."""
     import os
-    import re
 
-    stem = os.path.splitext(os.path.basename(video_path))[0] or "shot"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)
+    stem = os.path.splitext(os.path.basename(video_path))[0]
+    return camera.plain_name(stem) if stem.strip(".") else "shot"
