@@ -462,6 +462,13 @@ def build_dwmesh(depth, K, config: DWMeshConfig | None = None, device=None) -> D
         zero = hits > 0
         alpha = (~zero).float()
 
+    # Sky vertices (Blender's 1e10) come in to twice the far clip along their own pixel rays: still
+    # clipped, hence masked, but in a range that float32 renderers (Blender's viewport and Workbench)
+    # draw without losing the whole mesh; validity was decided on the true depth above.
+    beyond = -verts[..., 2] > 2.0 * clip_far
+    if bool(beyond.any()):
+        verts = torch.where(beyond[..., None], verts * (2.0 * clip_far / -verts[..., 2:3]), verts)
+
     uv = torch.stack([uv_x / W, 1.0 - uv_y / H], dim=-1)
     return DWMesh(
         vertices=verts.float().contiguous(),
