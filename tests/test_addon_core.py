@@ -152,3 +152,26 @@ def test_wheels_come_from_the_checkout_folder_before_any_download(tmp_path, monk
     assert addon.fetch_wheels([name], tmp_path / "cache", log=lambda *a: None, also_in=[folder]) == [folder / name]
     assert addon.checkout_wheels() == ROOT / ".whl"
 
+
+
+def test_pixel_aspect_is_read_from_the_container(tmp_path):
+    """Blender's movie reader ignores the sample aspect ratio; the add-on reads the mp4 'pasp' box so an
+    anamorphic clip is stretched to its display aspect, as the library reads it."""
+    from fractions import Fraction
+
+    from addon.core.pixel_aspect import read_pixel_aspect
+    from ex4d.video import probe_video
+    from tests.conftest import make_tiny_scene, write_clip
+
+    frames, _, _ = make_tiny_scene(3, 48, 48)
+    squeezed = write_clip(tmp_path / "anamorphic.mp4", frames, sample_aspect=Fraction(4, 3))
+    square = write_clip(tmp_path / "square.mp4", frames)
+    faststart = write_clip(tmp_path / "faststart.mp4", frames, sample_aspect=Fraction(2, 1),
+                           container_options={"movflags": "faststart"})  # moov before the data
+    assert read_pixel_aspect(squeezed) == Fraction(4, 3) == probe_video(squeezed).sample_aspect
+    assert read_pixel_aspect(square) == 1
+    assert read_pixel_aspect(faststart) == 2
+    (tmp_path / "notes.txt").write_text("not a movie")
+    (tmp_path / "cut.mp4").write_bytes(squeezed.read_bytes()[:40])
+    for other in ("notes.txt", "cut.mp4", "missing.mp4"):
+        assert read_pixel_aspect(tmp_path / other) == 1

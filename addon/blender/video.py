@@ -14,6 +14,7 @@ import bpy
 import numpy as np
 
 from ..core import errors
+from ..core.pixel_aspect import read_pixel_aspect
 
 
 def strips(sequence_editor):
@@ -22,7 +23,8 @@ def strips(sequence_editor):
 
 
 def probe(filepath: str) -> dict:
-    """Size, length (frames) and frame rate of a movie file."""
+    """Displayed size (square pixels: an anamorphic clip's stored width times its pixel aspect), length
+    (frames), frame rate and ``pixel_aspect`` of a movie file."""
     path = bpy.path.abspath(filepath)
     if not os.path.isfile(path):
         raise errors.VideoError(f"video not found: {path}")
@@ -33,8 +35,10 @@ def probe(filepath: str) -> dict:
         if strip.frame_final_duration <= 0:
             raise errors.VideoError(f"{path}: Blender cannot decode this video (no frames)")
         elem = strip.elements[0]
-        info = {"width": int(elem.orig_width), "height": int(elem.orig_height),
-                "frames": int(strip.frame_final_duration), "fps": float(getattr(strip, "fps", 0) or scene.render.fps)}
+        aspect = read_pixel_aspect(path)  # Blender's reader ignores it (see core/pixel_aspect.py)
+        info = {"width": max(1, round(int(elem.orig_width) * aspect)), "height": int(elem.orig_height),
+                "frames": int(strip.frame_final_duration), "fps": float(getattr(strip, "fps", 0) or scene.render.fps),
+                "pixel_aspect": float(aspect), "stored_width": int(elem.orig_width)}
         if info["width"] <= 0:
             raise errors.VideoError(f"{path}: Blender cannot decode this video")
         return info
@@ -96,7 +100,13 @@ class FrameReader:
         # before adding the strip: its FILL transform is computed from the resolution at creation
         r.resolution_x, r.resolution_y, r.resolution_percentage = self.width, self.height, 100
         se = scene.sequence_editor_create()
-        strips(se).new_movie("source", self.path, 1, 1, fit_method="FILL")
+        strip = strips(se).new_movie("source", self.path, 1, 1, fit_method="FILL")
+        if self.info["pixel_aspect"] != 1.0:
+            # Anamorphic: fill and centre-crop the DISPLAYED picture, as the library does (FILL alone
+            # would fill with the stored, squeezed one).
+            aspect, stored_w, h = self.info["pixel_aspect"], self.info["stored_width"], self.info["height"]
+            scale = max(self.width / (stored_w * aspect), self.height / h)
+            strip.transform.scale_x, strip.transform.scale_y = scale * aspect, scale
         r.use_sequencer = True
         r.image_settings.file_format = "PNG"
         r.image_settings.color_mode = "RGB"
