@@ -327,3 +327,27 @@ def test_guide_parity_with_ex4d_renderer(run):
     (tmp / "parity.json").write_text(json.dumps({"mask_agreement": float(agree), "color_mae": float(color_err)}))
     assert agree >= 0.98, agree
     assert color_err < 12, color_err
+
+
+def test_anamorphic_clip_is_read_at_its_display_aspect(tmp_path):
+    """Blender's reader ignores the pixel aspect; the add-on's frames must match the library's (which
+    desqueezes) instead of a squeezed picture."""
+    from fractions import Fraction
+
+    from addon_fixtures import build_zip, run_blender
+    from conftest import write_clip
+    from ex4d.video import read_video
+
+    yy, xx = np.mgrid[0:96, 0:96]
+    frames = np.stack([np.stack([(xx * 3 + 7 * t) % 256, (yy * 2) % 256, ((xx // 12 + yy // 12) % 2) * 255], -1)
+                       for t in range(3)]).astype(np.uint8)
+    clip = write_clip(tmp_path / "anamorphic.mp4", frames, sample_aspect=Fraction(4, 3))  # shown 128x96
+    r = run_blender("bench_read_clip.py", build_zip(tmp_path / "dist"), clip, tmp_path / "blender.npy", 3, 96, tmp=tmp_path)
+    assert (tmp_path / "blender.npy").exists(), r.stdout[-2000:] + r.stderr[-2000:]
+    ours = np.load(tmp_path / "blender.npy").astype(float)
+    library = read_video(clip, size=(96, 96), fit="crop").frames.astype(float)
+    squeezed = frames  # what a reader ignoring the aspect gives: the stored 96x96 grid as it is
+    assert library.shape == ours.shape == (3, 96, 96, 3)
+    err = np.abs(ours - library).mean()
+    assert err < 3.0, err
+    assert np.abs(squeezed.astype(float) - library).mean() > 4 * err  # the test would see a squeezed read

@@ -111,13 +111,14 @@ def test_build_zip_layout(tmp_path):
     assert z.name == f"ex4d-{__version__}.zip"
     names = set(zipfile.ZipFile(z).namelist())
     assert {"blender_manifest.toml", "__init__.py", "core/__init__.py", "blender/operators.py",
-            "_core/__init__.py", "_core/errors.py", "_core/camera.py", "_core/protocol/client.py"} <= names
+            "_core/__init__.py", "_core/errors.py", "_core/camera.py", "_core/fit.py", "_core/protocol/client.py"} <= names
     assert {f"wheels/{w}" for w in manifest_wheels()} <= names
     assert not any("__pycache__" in n for n in names)
     # one source of truth: the bundled core is byte-identical to ex4d/
     zf = zipfile.ZipFile(z)
-    assert zf.read("_core/camera.py") == (ROOT / "ex4d" / "camera.py").read_bytes()
-    assert len(BUNDLED_CORE) == 3
+    for module in ("camera.py", "fit.py"):
+        assert zf.read(f"_core/{module}") == (ROOT / "ex4d" / module).read_bytes()
+    assert len(BUNDLED_CORE) == 4
 
 
 def test_build_without_wheels_and_cli(tmp_path):

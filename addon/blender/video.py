@@ -13,7 +13,7 @@ import tempfile
 import bpy
 import numpy as np
 
-from ..core import errors
+from ..core import errors, fit
 from ..core.pixel_aspect import read_pixel_aspect
 
 
@@ -102,11 +102,7 @@ class FrameReader:
         se = scene.sequence_editor_create()
         strip = strips(se).new_movie("source", self.path, 1, 1, fit_method="FILL")
         if self.info["pixel_aspect"] != 1.0:
-            # Anamorphic: fill and centre-crop the DISPLAYED picture, as the library does (FILL alone
-            # would fill with the stored, squeezed one).
-            aspect, stored_w, h = self.info["pixel_aspect"], self.info["stored_width"], self.info["height"]
-            scale = max(self.width / (stored_w * aspect), self.height / h)
-            strip.transform.scale_x, strip.transform.scale_y = scale * aspect, scale
+            _show_box(strip, self.info, self.width, self.height)
         r.use_sequencer = True
         r.image_settings.file_format = "PNG"
         r.image_settings.color_mode = "RGB"
@@ -141,6 +137,23 @@ class FrameReader:
             bpy.data.scenes.remove(self._scene)
             self._scene = None
         shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _show_box(strip, info: dict, width: int, height: int) -> None:
+    """Crop and place the movie strip so the canvas shows exactly the library's crop box (ex4d.fit) of
+    the displayed picture, in stored pixels: an anamorphic clip comes in as ``ex4d recon --fit crop``
+    reads it (the sequencer's FILL would fill with the squeezed picture). Square-pixel clips keep FILL,
+    which gives the same pixels for even sizes; for odd sizes (641x359) Blender leaves a dark first
+    column and last row either way."""
+    stored_w, h = info["stored_width"], info["height"]
+    box = fit.box_in_pixels_of(fit.fit_box(info["width"], h, width, height, "crop"), (info["width"], h), (stored_w, h))
+    crop = strip.crop
+    crop.min_x, crop.max_x = box.x0, stored_w - box.x0 - box.w
+    crop.max_y, crop.min_y = box.y0, h - box.y0 - box.h  # the sequencer's y runs upwards
+    t = strip.transform
+    t.scale_x, t.scale_y = width / box.w, height / box.h
+    t.offset_x = -(box.x0 + box.w / 2 - stored_w / 2) * t.scale_x
+    t.offset_y = (box.y0 + box.h / 2 - h / 2) * t.scale_y
 
 
 def read_frames(filepath: str, first: int, count: int, width: int, height: int) -> np.ndarray:
