@@ -117,7 +117,8 @@ def test_build_zip_layout(tmp_path):
     # one source of truth: the bundled core is byte-identical to ex4d/
     zf = zipfile.ZipFile(z)
     assert zf.read("_core/camera.py") == (ROOT / "ex4d" / "camera.py").read_bytes()
-    assert len(BUNDLED_CORE) == 3
+    assert zf.read("_core/depth_rules.py") == (ROOT / "ex4d" / "depth_rules.py").read_bytes()
+    assert len(BUNDLED_CORE) == 4
 
 
 def test_build_without_wheels_and_cli(tmp_path):
@@ -152,3 +153,29 @@ def test_wheels_come_from_the_checkout_folder_before_any_download(tmp_path, monk
     assert addon.fetch_wheels([name], tmp_path / "cache", log=lambda *a: None, also_in=[folder]) == [folder / name]
     assert addon.checkout_wheels() == ROOT / ".whl"
 
+
+
+def test_depth_rules_are_shared_by_the_cli_and_the_add_on():
+    """One source of truth: the CLI's check_depth and the add-on use ex4d/depth_rules.py (numpy only)."""
+    import numpy as np
+
+    from addon.core import depth_rules
+    from ex4d.depth.files import check_depth
+    from ex4d.errors import DepthError
+
+    d = np.ones((9, 96, 128), np.float32)
+    check_depth(d, 9, (96, 128))
+    for bad, words in ((np.ones((9, 96, 96), np.float32), "depth is 96x96"),
+                       (np.ones((9, 128, 96), np.float32), "turned by 90 degrees"),
+                       (np.ones((12, 96, 128), np.float32), "depth has 12 frames but the video has 9")):
+        with pytest.raises(DepthError, match=words):
+            check_depth(bad, 9, (96, 128))
+        with pytest.raises(DepthError, match=words):
+            depth_rules.check_frame_count(len(bad), 9)
+            depth_rules.check_aspect(bad.shape[2], bad.shape[1], (96, 128))
+    assert depth_rules.check_K(np.eye(3)).shape == (3, 3)
+    assert depth_rules.check_K(np.stack([np.eye(3)] * 9), 9).shape == (9, 3, 3)
+    for K, words in ((np.eye(2), "K must be 3x3"), (np.zeros((3, 3)), "focal"), (np.full((3, 3), np.nan), "NaN"),
+                     (np.stack([np.eye(3)] * 4), "4 matrices"), ("abc", "K must be")):
+        with pytest.raises(DepthError, match=words):
+            depth_rules.check_K(K, 9)
