@@ -343,6 +343,13 @@ def test_reconstruct_again_leaves_no_orphan_mesh(run):
     assert s["orphans"] == 0
 
 
+def test_relative_output_folder(run):
+    s = ok(run, "relative_output_unsaved")
+    assert s["blend"] == "" and "'rel_out/' is relative" in (s["error"] or ""), s
+    s = ok(run, "relative_output_saved")
+    assert s["blend"] and os.path.normpath(s["dir"]) == os.path.join(os.path.dirname(s["blend"]), "rel_out"), s
+
+
 def test_file_saved_while_a_local_job_ran_opens_with_a_free_panel(run):
     s = ok(run, "local_job_saved_while_running")
     assert s["state"] == "cancelled" and "interrupted" in s["message"] and s["local_jobs"] == 0

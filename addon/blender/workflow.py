@@ -18,7 +18,13 @@ def _cache_key(props) -> tuple:
 
 
 def output_dir(props) -> str:
-    d = bpy.path.abspath(props.output_dir or "//ex4d/")
+    raw = props.output_dir or "//ex4d/"
+    if not raw.startswith("//") and not os.path.isabs(os.path.expanduser(raw)):  # "out/": relative to the .blend
+        if not bpy.data.filepath:
+            raise errors.InputError(f"the output folder '{raw}' is relative and the .blend is not saved: save it "
+                                    "first, or give an absolute folder (or '//folder/' for next to the .blend)")
+        raw = "//" + raw
+    d = bpy.path.abspath(os.path.expanduser(raw))
     if d.startswith("//") or not os.path.isabs(d):  # unsaved .blend: "//" has no folder yet
         import tempfile
 

@@ -156,6 +156,22 @@ def _():
             "state": props.backend_state}
 
 
+@step("relative_output_unsaved")
+def _():
+    """An output folder without '//' in an unsaved .blend: refused (it used to go to /tmp silently)."""
+    p = bpy.context.scene.ex4d
+    before = p.output_dir
+    p.output_dir = "rel_out/"
+    try:
+        workflow.output_dir(p)
+        err = None
+    except core.errors.InputError as e:
+        err = str(e)
+    finally:
+        p.output_dir = before
+    return {"error": err, "blend": bpy.data.filepath}
+
+
 @step("import_video")
 def _():
     props.output_dir = os.path.join(OUT, "ex4d_out") + os.sep
@@ -736,6 +752,14 @@ def _():
     bpy.ops.wm.open_mainfile(filepath=path)
     p = bpy.context.scene.ex4d
     return {"state": p.job_state, "message": p.job_message, "local_jobs": len(jobs.RT.local)}
+
+
+@step("relative_output_saved")
+def _():
+    """The same in a saved .blend: next to it."""
+    p = bpy.context.scene.ex4d
+    p.output_dir = "rel_out/"
+    return {"dir": workflow.output_dir(p), "blend": bpy.data.filepath}
 
 
 @step("disable_enable")
