@@ -306,7 +306,8 @@ class Server:
         job = self.table.get(msg.job) if msg.job else None
         if job is None:
             self._send_error(peer, msg.job, ERR_UNKNOWN_JOB,
-                             f"the backend does not know job {msg.job} (finished results expire after {self.config.ttl_s / 3600:.0f} h)"
+                             f"the backend does not know job {msg.job} (the backend was restarted since, or the job's result expired "
+                             f"after {self.config.ttl_s / 3600:.0f} h or was already fetched)"
                              if msg.job else "this message needs a job id")
         return job
 

@@ -294,6 +294,62 @@ def test_backend_death_is_noticed_and_reported(run):
     assert s["abandoned_state"] == "cancelled"  # Cancel frees the panel when the backend is gone
 
 
+def test_running_job_fails_when_the_backend_is_declared_dead(run):
+    """SIGKILL while a job runs: once the heartbeat is declared lost, the job fails (not 'running'
+    forever) with a message that says what happened; other steps work again."""
+    j = ok(run, "backend_dies")["job_after"]
+    assert j["state"] == "failed" and j["stage"] == "backend lost", j
+    assert "stopped (no heartbeat for" in j["message"] and "while running generate" in j["message"], j["message"]
+    assert j["guides"][0] == ["FINISHED"] and j["guides"][2] == "done", j["guides"]
+
+
+def test_connect_after_a_restart_explains_the_lost_job(run):
+    s = ok(run, "reattach_unknown_job")
+    assert s["state"] == "failed" and "restarted" in s["message"] and "Traceback" not in s["message"], s["message"]
+
+
+def test_depth_that_does_not_fit_is_refused_like_the_cli(run):
+    s = ok(run, "bad_depth_files")
+    expect = {"square": "depth is 48x48 (aspect 1.000) but the video is 64x48",
+              "transposed": "it looks turned by 90 degrees", "frames_12": "depth has 12 frames but the shot has 5",
+              "frames_2": "depth has 2 frames but the shot has 5", "K_2x2": "K must be 3x3",
+              "K_zero_focal": "focal lengths"}
+    for name, words in expect.items():
+        r = s[name]
+        assert r["result"] == ["CANCELLED"] and words in (r["error"] or ""), (name, r)
+        assert "\n" not in r["error"].strip() and "Traceback" not in r["error"], (name, r["error"])
+        assert r["state"] == "failed" and words in r["message"], (name, r)  # the panel says it too
+        assert r["unchanged"], name
+
+
+def test_unexpected_error_is_one_line_naming_the_step(run):
+    r = ok(run, "bad_depth_files")["bug"]
+    assert r["result"] == ["CANCELLED"] and "\n" not in r["error"].strip() and "Traceback" not in r["error"], r
+    assert r["error"].strip().startswith("Error: generate failed: ValueError: cannot reshape") and "console" in r["error"], r
+    assert r["state"] == "failed" and r["message"] in r["error"]
+
+
+def test_missing_footage_refuses_guides(run):
+    s = ok(run, "footage_missing_and_reconstruct_again")
+    assert s["result"] == ["CANCELLED"] and "the footage is missing:" in s["error"] and "footage.mp4" in s["error"], s
+    assert "relink it or import again" in s["error"] and s["state"] == "failed" and "footage is missing" in s["message"]
+    assert s["relinked"] == [["FINISHED"], "done"]
+
+
+def test_reconstruct_again_leaves_no_orphan_mesh(run):
+    s = ok(run, "footage_missing_and_reconstruct_again")
+    assert s["meshes"][0] == s["meshes"][1] == s["meshes"][2], s["meshes"]
+    assert s["names"] == [["DW-mesh footage", "DW-mesh footage"]] * 3, s["names"]
+    assert s["orphans"] == 0
+
+
+def test_relative_output_folder(run):
+    s = ok(run, "relative_output_unsaved")
+    assert s["blend"] == "" and "'rel_out/' is relative" in (s["error"] or ""), s
+    s = ok(run, "relative_output_saved")
+    assert s["blend"] and os.path.normpath(s["dir"]) == os.path.join(os.path.dirname(s["blend"]), "rel_out"), s
+
+
 def test_file_saved_while_a_local_job_ran_opens_with_a_free_panel(run):
     s = ok(run, "local_job_saved_while_running")
     assert s["state"] == "cancelled" and "interrupted" in s["message"] and s["local_jobs"] == 0

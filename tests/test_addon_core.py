@@ -111,14 +111,15 @@ def test_build_zip_layout(tmp_path):
     assert z.name == f"ex4d-{__version__}.zip"
     names = set(zipfile.ZipFile(z).namelist())
     assert {"blender_manifest.toml", "__init__.py", "core/__init__.py", "blender/operators.py",
-            "_core/__init__.py", "_core/errors.py", "_core/camera.py", "_core/fit.py", "_core/protocol/client.py"} <= names
+            "_core/__init__.py", "_core/errors.py", "_core/camera.py", "_core/fit.py", "_core/depth_rules.py",
+            "_core/protocol/client.py"} <= names
     assert {f"wheels/{w}" for w in manifest_wheels()} <= names
     assert not any("__pycache__" in n for n in names)
     # one source of truth: the bundled core is byte-identical to ex4d/
     zf = zipfile.ZipFile(z)
-    for module in ("camera.py", "fit.py"):
+    for module in ("camera.py", "depth_rules.py", "fit.py"):
         assert zf.read(f"_core/{module}") == (ROOT / "ex4d" / module).read_bytes()
-    assert len(BUNDLED_CORE) == 4
+    assert len(BUNDLED_CORE) == 5
 
 
 def test_build_without_wheels_and_cli(tmp_path):
@@ -176,3 +177,29 @@ def test_pixel_aspect_is_read_from_the_container(tmp_path):
     (tmp_path / "cut.mp4").write_bytes(squeezed.read_bytes()[:40])
     for other in ("notes.txt", "cut.mp4", "missing.mp4"):
         assert read_pixel_aspect(tmp_path / other) == 1
+
+
+def test_depth_rules_are_shared_by_the_cli_and_the_add_on():
+    """One source of truth: the CLI's check_depth and the add-on use ex4d/depth_rules.py (numpy only)."""
+    import numpy as np
+
+    from addon.core import depth_rules
+    from ex4d.depth.files import check_depth
+    from ex4d.errors import DepthError
+
+    d = np.ones((9, 96, 128), np.float32)
+    check_depth(d, 9, (96, 128))
+    for bad, words in ((np.ones((9, 96, 96), np.float32), "depth is 96x96"),
+                       (np.ones((9, 128, 96), np.float32), "turned by 90 degrees"),
+                       (np.ones((12, 96, 128), np.float32), "depth has 12 frames but the video has 9")):
+        with pytest.raises(DepthError, match=words):
+            check_depth(bad, 9, (96, 128))
+        with pytest.raises(DepthError, match=words):
+            depth_rules.check_frame_count(len(bad), 9)
+            depth_rules.check_aspect(bad.shape[2], bad.shape[1], (96, 128))
+    assert depth_rules.check_K(np.eye(3)).shape == (3, 3)
+    assert depth_rules.check_K(np.stack([np.eye(3)] * 9), 9).shape == (9, 3, 3)
+    for K, words in ((np.eye(2), "K must be 3x3"), (np.zeros((3, 3)), "focal"), (np.full((3, 3), np.nan), "NaN"),
+                     (np.stack([np.eye(3)] * 4), "4 matrices"), ("abc", "K must be")):
+        with pytest.raises(DepthError, match=words):
+            depth_rules.check_K(K, 9)

@@ -26,6 +26,7 @@ from ..core import errors, protocol_client
 REMOTE_KINDS = ("reconstruct", "generate")
 KEEP_UNTIL_SAVED = ("reconstruct",)  # results that live in the scene: on disk once the .blend is saved
 NOT_APPLIED = "result not applied"  # job_stage of a finished job whose result could not be applied
+BACKEND_LOST = "backend lost"  # job_stage of a remote job failed because the backend stopped answering
 HELLO_TIMEOUT_S = 3.0
 TIMER_BUSY_S = 0.2
 TIMER_IDLE_S = 1.0
@@ -120,7 +121,7 @@ def _connected(scene, caps: dict) -> None:
     post("INFO", f"connected: {props.capabilities}")
     send_releases()
     if props.job_id and props.job_kind in REMOTE_KINDS and (
-            props.job_state == "running" or (props.job_state == "failed" and props.job_stage == NOT_APPLIED)):
+            props.job_state == "running" or (props.job_state == "failed" and props.job_stage in (NOT_APPLIED, BACKEND_LOST))):
         reattach(scene)
 
 
@@ -396,6 +397,9 @@ def poll_once(scene) -> None:
             _job_done(scene, pc.Result(dict(ev.header.get("params") or {}), ev.arrays, ev.job_id))
         elif ev.type == "busy":
             _job_failed(props, pc.Client.submit_error(ev))
+        elif ev.type == "error" and ev.header.get("code") == "unknown_job":
+            _job_failed(props, f"the backend no longer has this {props.job_kind} job (it was restarted since, or the "
+                               f"result expired): press {props.job_kind.capitalize()} again")
         elif ev.type == "error":
             _job_failed(props, pc.error_for(ev.header.get("code", "error"), ev.header.get("message", ""), ev.job_id))
     RT.inbox = keep
@@ -424,9 +428,29 @@ def poll_once(scene) -> None:
             RT.lost_reported = True
             post("ERROR", f"the backend at {props.address} stopped answering (no heartbeat); "
                           "restart `ex4d serve` and press Connect: running jobs are picked up again")
+        _fail_lost_job(scene, client)
     elif props.backend_state != "connected":
         props.backend_state = "connected"
         RT.lost_reported = False
+        if props.job_state == "failed" and props.job_stage == BACKEND_LOST and props.job_id:
+            reattach(scene)  # it came back (stalled, not restarted): the job may still be there
+
+
+def _fail_lost_job(scene, client) -> None:
+    """The backend is declared dead (no heartbeat): the scene's remote job cannot progress, so it fails
+    now (the panel is free again) instead of saying "running" forever. Its stage says why: when the
+    heartbeat comes back, or at the next Connect, the backend is asked for it again. A job still
+    waiting for "accepted" has its own, more precise time-out (pending_submit)."""
+    props = scene.ex4d
+    if not (busy(props) and props.job_kind in REMOTE_KINDS and props.job_id) or scene.name in RT.local \
+            or props.job_id in RT.pending_submit:
+        return
+    last = getattr(client, "_last_rx", 0.0)
+    silent = time.monotonic() - last if last else client.heartbeat_timeout_s
+    _job_failed(props, f"the backend at {props.address} stopped (no heartbeat for {silent:.0f} s) while running "
+                       f"{props.job_kind}; restart `ex4d serve` and press Connect (a job it still has is picked up "
+                       f"again), or press {props.job_kind.capitalize()} again")
+    props.job_stage = BACKEND_LOST
 
 
 def _send_prepared(scene, worker) -> None:

@@ -1,6 +1,7 @@
 """Operators: thin wrappers over workflow.py. Every one is in F3 search (bl_label + bl_description).
 
-Errors the user can cause arrive as ex4d Ex4dError and become ``self.report({'ERROR'}, message)``.
+Errors the user can cause arrive as ex4d Ex4dError and become ``self.report({'ERROR'}, message)``; any
+other exception becomes a one-line report naming the step (traceback in the console), never a traceback.
 Long work starts a job and returns at once; ``invoke`` adds a modal watcher so Esc cancels it.
 """
 
@@ -14,12 +15,30 @@ from ..core import errors
 
 
 def _run(op, fn, *args, **kwargs):
-    """Call ``fn``; user errors become reports. Returns (ok, value)."""
+    """Call ``fn``; errors become one-line reports. Returns (ok, value).
+
+    A user error (Ex4dError) is reported as it is; anything else is a bug: its traceback goes to the
+    console and the report names the step. An operator that starts a job (``ex4d_step``) also shows
+    the failure on the panel (job_state/job_message), unless a job is running or a finished result
+    waits to be fetched again (that state is kept)."""
+    step = getattr(op, "ex4d_step", "") or op.bl_label.replace("EX-4D: ", "").lower()
     try:
         return True, fn(*args, **kwargs)
     except errors.Ex4dError as e:
-        op.report({"ERROR"}, str(e))
-        return False, None
+        text = str(e)
+    except Exception as e:  # a bug: never a traceback in the artist's report
+        import traceback
+
+        traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0]
+        text = f"{step} failed: {type(e).__name__}: {first} (a bug in the add-on; the console has details)"
+    op.report({"ERROR"}, text)
+    props = getattr(bpy.context.scene, "ex4d", None)
+    if getattr(op, "ex4d_step", "") and props is not None and not jobs.busy(props) and props.job_stage not in (jobs.NOT_APPLIED, jobs.BACKEND_LOST):
+        props.job_kind, props.job_state, props.job_stage = op.ex4d_step, "failed", "failed"
+        props.job_step = props.job_total = 0
+        props.job_message = text if text.startswith(f"{op.ex4d_step} failed") else f"{op.ex4d_step} failed: {text}"
+    return False, None
 
 
 def _start_watch(context) -> None:
@@ -63,6 +82,7 @@ class EX4D_OT_disconnect(bpy.types.Operator):
 
 class EX4D_OT_import_video(bpy.types.Operator, ImportHelper):
     bl_idname = "ex4d.import_video"
+    ex4d_step = "import"  # failures show on the panel too
     bl_label = "EX-4D: Import Video"
     bl_description = "Read a video's frames at the working size and set the scene up for the shot"
     bl_options = {"REGISTER"}  # the frames arrive later, from the timer: nothing to undo here
@@ -95,6 +115,7 @@ class _JobOperator:
 
 class EX4D_OT_reconstruct(_JobOperator, bpy.types.Operator):
     bl_idname = "ex4d.reconstruct"
+    ex4d_step = "reconstruct"  # failures show on the panel too
     bl_label = "EX-4D: Reconstruct"
     bl_description = "Send the frames (and depth, if given) to the backend and build the DW-mesh and source camera"
 
@@ -172,6 +193,7 @@ class EX4D_OT_import_camera(bpy.types.Operator, ImportHelper):
 
 class EX4D_OT_render_guides(_JobOperator, bpy.types.Operator):
     bl_idname = "ex4d.render_guides"
+    ex4d_step = "guides"  # failures show on the panel too
     bl_label = "EX-4D: Render Guides"
     bl_description = "Render the colour and mask guides of the DW-mesh along the active camera (Workbench)"
 
@@ -182,6 +204,7 @@ class EX4D_OT_render_guides(_JobOperator, bpy.types.Operator):
 
 class EX4D_OT_generate(_JobOperator, bpy.types.Operator):
     bl_idname = "ex4d.generate"
+    ex4d_step = "generate"  # failures show on the panel too
     bl_label = "EX-4D: Generate"
     bl_description = "Send the guides to the backend and generate the new shot"
 

@@ -45,6 +45,7 @@ class EX4D_SceneProps(bpy.types.PropertyGroup):
     src_height: IntProperty(default=0)
     first_frame: IntProperty(name="First video frame", default=0, min=0)
     num_frames: IntProperty(name="Frames", default=0, min=0)
+    video_frames: IntProperty(default=0, min=0, description="Frames in the whole video (a depth file may cover them all)")
     frame_start: IntProperty(name="Scene start", default=1, description="Scene frame that shows video frame 'first'")
     width: IntProperty(name="Width", default=0)
     height: IntProperty(name="Height", default=0)

@@ -7,7 +7,7 @@ import bpy
 import numpy as np
 
 from . import cameras, dwmesh, guides, jobs, timeline, video
-from ..core import camera, errors, shot as shotlib
+from ..core import camera, depth_rules, errors, shot as shotlib
 
 # Frames read at import, kept for Reconstruct (re-read from the movie after a reload).
 _FRAMES_CACHE = {}
@@ -18,7 +18,13 @@ def _cache_key(props) -> tuple:
 
 
 def output_dir(props) -> str:
-    d = bpy.path.abspath(props.output_dir or "//ex4d/")
+    raw = props.output_dir or "//ex4d/"
+    if not raw.startswith("//") and not os.path.isabs(os.path.expanduser(raw)):  # "out/": relative to the .blend
+        if not bpy.data.filepath:
+            raise errors.InputError(f"the output folder '{raw}' is relative and the .blend is not saved: save it "
+                                    "first, or give an absolute folder (or '//folder/' for next to the .blend)")
+        raw = "//" + raw
+    d = bpy.path.abspath(os.path.expanduser(raw))
     if d.startswith("//") or not os.path.isabs(d):  # unsaved .blend: "//" has no folder yet
         import tempfile
 
@@ -61,7 +67,7 @@ def apply_import(scene, reader) -> str:
     props.shot_name = shotlib.shot_name(s["filepath"])
     props.image = video.load_footage_image(s["filepath"])
     props.src_width, props.src_height = info["width"], info["height"]
-    props.first_frame, props.num_frames = reader.first, count
+    props.first_frame, props.num_frames, props.video_frames = reader.first, count, info["frames"]
     props.width, props.height, props.fps = width, height, info["fps"]
     props.fx, props.fy, props.cx, props.cy = intr.fx, intr.fy, intr.cx, intr.cy
     props.intrinsics_source = s["source"]
@@ -145,22 +151,34 @@ def read_depth_file(path: str, props) -> dict:
             depth, K = data["depth"], data["K"] if "K" in data else None
     except (OSError, ValueError) as e:
         raise errors.DepthError(f"{p}: not a readable numpy file ({e})") from None
-    depth = np.asarray(depth, dtype=np.float32)
+    try:
+        depth = np.asarray(depth, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise errors.DepthError(f"{p}: depth must be numbers, got {depth.dtype}") from None
     if depth.ndim == 2:
         depth = depth[None]
     if depth.ndim != 3:
         raise errors.DepthError(f"{p}: depth must be (T,H,W), got shape {depth.shape}")
-    if len(depth) != props.num_frames:  # a depth for the whole video: take the shot's frames
-        if len(depth) < props.first_frame + props.num_frames:
+    # the CLI's rules (ex4d/depth_rules.py): one map per frame, the video's picture (aspect), a usable K
+    T, dh, dw = depth.shape
+    video_frames = props.video_frames or props.num_frames  # 0: a .blend from before it was stored
+    if T != props.num_frames:
+        if T == video_frames and props.first_frame + props.num_frames <= T:  # depth for the whole video
+            depth = depth[props.first_frame: props.first_frame + props.num_frames]
+        elif video_frames != props.num_frames:
             raise errors.DepthError(
-                f"{p}: depth has {len(depth)} frames; the shot needs {props.num_frames} (or the whole video's, "
-                f"at least {props.first_frame + props.num_frames})")
-        depth = depth[props.first_frame: props.first_frame + props.num_frames]
-    dh, dw = depth.shape[1:]
+                f"{p}: depth has {T} frame{'s' * (T != 1)} but the shot has {props.num_frames} (video frames "
+                f"{props.first_frame}-{props.first_frame + props.num_frames - 1} of {video_frames}); give one depth "
+                "map per shot frame or per video frame")
+        else:
+            depth_rules.check_frame_count(T, props.num_frames, p)
+    depth_rules.check_aspect(dw, dh, (props.src_height or props.height, props.src_width or props.width), p)
+    if K is not None:
+        K = depth_rules.check_K(K, T, p)
     crop = shotlib.FillCrop(dw, dh, props.width, props.height)  # the same fill + centre crop as the frames
     out = {"depth": np.ascontiguousarray(crop.sample_nearest(depth))}
     if K is not None:
-        out["depth_K"] = crop.intrinsics(np.asarray(K, dtype=np.float64).reshape(-1, 3, 3)[0])
+        out["depth_K"] = crop.intrinsics(K.reshape(-1, 3, 3)[0])
     return out
 
 
@@ -227,6 +245,19 @@ def apply_reconstruct(scene, result):
     return build
 
 
+def _remove_replaced(old) -> None:
+    """The previous DW-mesh object, and its mesh (+ shape keys) and footage material once nothing else
+    uses them: a replaced full-size mesh left as an orphan would weigh hundreds of MB in the .blend."""
+    mesh = old.data
+    mats = [m for m in getattr(mesh, "materials", []) if m is not None]
+    bpy.data.objects.remove(old)
+    if mesh is not None and mesh.users == 0:
+        bpy.data.meshes.remove(mesh)
+    for mat in mats:
+        if mat.users == 0:
+            bpy.data.materials.remove(mat)
+
+
 def finish_reconstruct(scene, build) -> str:
     """The DW-mesh is built: it replaces the shot's previous one; the source camera follows the lens."""
     props = scene.ex4d
@@ -236,7 +267,11 @@ def finish_reconstruct(scene, build) -> str:
             setattr(props, key, s[key])
     obj, old = build.obj, props.mesh
     if old is not None and old != obj and old.name in bpy.data.objects:
-        bpy.data.objects.remove(old)
+        _remove_replaced(old)
+        obj.name = obj.data.name = f"DW-mesh {props.shot_name}"  # the old one's name is free again: stable
+        for mat in obj.data.materials:
+            if mat is not None:
+                mat.name = f"EX4D footage {props.shot_name}"
     props.rig, props.mesh = s["rig"], obj
     if props.source_camera is None or props.source_camera.name not in bpy.data.objects:
         props.source_camera = dwmesh.create_source_camera(scene, props.shot_name, s["rig"], cameras.shot_K(props),
@@ -276,12 +311,31 @@ def shot_dir(props, cam_name: str) -> str:
     return os.path.join(output_dir(props), f"{props.shot_name}_{safe}")
 
 
+def check_footage(props) -> None:
+    """The DW-mesh's texture is the shot's movie image: refuse to render guides from a movie Blender
+    cannot read (deleted, moved, broken), which would paint every guide Blender's missing-texture magenta."""
+    img = props.image
+    path = bpy.path.abspath(img.filepath if img is not None else props.video_path,
+                            library=img.library if img is not None else None)
+    hint = "(relink it or import again)"
+    if not os.path.isfile(path):
+        raise errors.InputError(f"the footage is missing: {path} {hint}")
+    if img is None:
+        raise errors.InputError(f"the footage image is missing from the .blend: {path} (import again)")
+    if tuple(img.size) == (0, 0):  # a failed load is remembered: try the file as it is now
+        img.reload()
+    last = props.first_frame + props.num_frames
+    if tuple(img.size) == (0, 0) or img.frame_duration < last:
+        raise errors.InputError(f"the footage cannot be read (or has fewer than {last} frames): {path} {hint}")
+
+
 def start_guides(scene, cam_obj=None):
     props = scene.ex4d
     require_shot(props)
     cam_obj = cam_obj or scene.camera
     if props.mesh is None or props.mesh.name not in scene.objects:
         raise errors.InputError("no DW-mesh in the scene: reconstruct the shot first")
+    check_footage(props)
     out = os.path.join(shot_dir(props, cam_obj.name if cam_obj else "camera"), "guides")
     worker = guides.GuideRender(scene, [props.mesh], cam_obj, out, props.frame_start, props.num_frames, props.width,
                                 props.height, clip=cameras.clip_range(props))

@@ -1,13 +1,13 @@
 """Pure-Python logic of the add-on: no bpy, testable in any Python with numpy.
 
-The ex4d modules it needs (camera, errors, fit, protocol) come from ``_core/`` inside the built extension
+The ex4d modules it needs (camera, depth_rules, errors, fit, protocol) come from ``_core/`` inside the built extension
 (copied by ``ex4d addon build``), or from the installed ``ex4d`` package in a source checkout.
 """
 
 try:  # inside the extension zip: <addon>/_core
-    from .._core import camera, errors, fit  # noqa: F401
+    from .._core import camera, depth_rules, errors, fit  # noqa: F401
 except ImportError:  # source checkout (tests of addon/core in the project's environment)
-    from ex4d import camera, errors, fit  # noqa: F401
+    from ex4d import camera, depth_rules, errors, fit  # noqa: F401
 
 
 def protocol_client():

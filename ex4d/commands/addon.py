@@ -3,8 +3,8 @@
 The zip holds, at its root, ``blender_manifest.toml`` (version set from ``ex4d.__version__``) and the
 add-on package (``addon/``), plus:
 
-* ``_core/``: the pure-Python part of ``ex4d`` the add-on needs (``errors.py``, ``camera.py``, ``fit.py``,
-  ``protocol/``), copied here at build time so there is one source of truth in git;
+* ``_core/``: the pure-Python part of ``ex4d`` the add-on needs (``errors.py``, ``camera.py``,
+  ``depth_rules.py``, ``fit.py``, ``protocol/``), copied here at build time so there is one source of truth in git;
 * ``wheels/``: the pyzmq wheels the manifest lists (Blender ships numpy, not pyzmq), taken from the
   wheel cache or the checkout's ``.whl/`` folder, and downloaded once with ``pip download`` into the
   cache only when in neither, so builds work offline.
@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 
 # What of ex4d/ goes into the zip (relative to the ex4d package), as _core/<same path>.
-BUNDLED_CORE = ("errors.py", "camera.py", "fit.py", "protocol")
+BUNDLED_CORE = ("errors.py", "camera.py", "depth_rules.py", "fit.py", "protocol")
 
 
 def register(subparsers) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..depth_rules import check_aspect, check_frame_count, same_aspect, turn_words
 from ..errors import DepthError, InputError
 
 PNG_DEFAULT_SCALE = 1.0 / 1000.0
@@ -265,31 +266,11 @@ def check_depth(
         raise DepthError(f"{source}: depth must be (T,H,W), got shape {depth.shape}")
     T, h, w = depth.shape
     H, W = size
-    if T < num_frames or (T > num_frames and not allow_longer):
-        raise DepthError(
-            f"{source}: depth has {T} frame{'s' * (T != 1)} but the video has {num_frames}; "
-            "give one depth map per video frame"
-        )
-    anamorphic = stored_size is not None and tuple(stored_size) != (H, W)
-    if not (_same_aspect(w, h, W, H) or (anamorphic and _same_aspect(w, h, stored_size[1], stored_size[0]))):
-        message = f"{source}: depth is {w}x{h} (aspect {w / h:.3f}) but the video is {W}x{H} (aspect {W / H:.3f})"
-        if anamorphic:
-            Hs, Ws = stored_size
-            message += (
-                f" as displayed ({Ws}x{Hs} stored, non-square pixels); give depth at {W}x{H} or {Ws}x{Hs} "
-                "(or either aspect at another resolution)"
-            )
-        else:
-            message += "; the depth maps must cover the same picture"
-        if rotation % 360:
-            message += (
-                f"; the video is rotated {_turn_words(rotation)} for display; depth must be in the displayed "
-                f"orientation ({W} wide, {H} high, or that aspect)"
-            )
-        raise DepthError(message)
-    if rotation % 360 == 180 or (rotation % 180 == 90 and _same_aspect(W, H, 1, 1)):
+    check_frame_count(T, num_frames, source, allow_longer)
+    check_aspect(w, h, (H, W), source, stored_size=stored_size, rotation=rotation)
+    if rotation % 360 == 180 or (rotation % 180 == 90 and same_aspect(W, H, 1, 1)):
         warnings.warn(
-            f"the video is rotated {_turn_words(rotation)} for display; the depth is used as given, so it must be "
+            f"the video is rotated {turn_words(rotation)} for display; the depth is used as given, so it must be "
             "in the displayed (upright) orientation - depth made from the stored pictures would be misaligned"
         )
     depth = depth[:num_frames].astype(np.float32, copy=False)
@@ -305,17 +286,6 @@ def check_depth(
             "positive z-depth - fill holes (or pass disparity through 1/x) before use"
         )
     return depth
-
-
-def _turn_words(rotation: int) -> str:
-    """Counter-clockwise degrees (FFmpeg's sense) as a person says them: phones mostly turn clockwise."""
-    return {90: "90 degrees counter-clockwise", 180: "180 degrees", 270: "90 degrees clockwise"}.get(
-        rotation % 360, f"{rotation % 360} degrees"
-    )
-
-
-def _same_aspect(w: int, h: int, W: int, H: int) -> bool:
-    return abs((w / h) / (W / H) - 1.0) <= 0.01
 
 
 def fit_depth(depth: np.ndarray, video_size: tuple[int, int], width: int, height: int, mode: str = "resize") -> np.ndarray:

@@ -156,6 +156,22 @@ def _():
             "state": props.backend_state}
 
 
+@step("relative_output_unsaved")
+def _():
+    """An output folder without '//' in an unsaved .blend: refused (it used to go to /tmp silently)."""
+    p = bpy.context.scene.ex4d
+    before = p.output_dir
+    p.output_dir = "rel_out/"
+    try:
+        workflow.output_dir(p)
+        err = None
+    except core.errors.InputError as e:
+        err = str(e)
+    finally:
+        p.output_dir = before
+    return {"error": err, "blend": bpy.data.filepath}
+
+
 @step("import_video")
 def _():
     props.output_dir = os.path.join(OUT, "ex4d_out") + os.sep
@@ -592,6 +608,88 @@ def _():
             "frame_range": [sc.frame_start, sc.frame_end]}
 
 
+@step("bad_depth_files")
+def _():
+    """Depth that does not fit the shot is refused with the CLI's one-line errors (ex4d/depth_rules.py),
+    shown on the panel too; nothing is added to the scene."""
+    sc = bpy.context.scene
+    p = sc.ex4d
+    d = np.load(DEPTH)["depth"]  # the whole video's: 9 frames of 64x48 (the shot is video frames 3..7)
+    cases = {"square": {"depth": d[:, :, :48]}, "transposed": {"depth": np.ascontiguousarray(d.transpose(0, 2, 1))},
+             "frames_12": {"depth": np.concatenate([d, d[:3]])}, "frames_2": {"depth": d[:2]},
+             "K_2x2": {"depth": d, "K": np.eye(2)}, "K_zero_focal": {"depth": d, "K": np.zeros((3, 3))}}
+    out = {}
+    p.job_state, p.job_message = "done", "imported 5 frames"  # what the panel said before
+    for name, arrays in cases.items():
+        path = os.path.join(OUT, f"bad_{name}.npz")
+        np.savez(path, **arrays)
+        counts = (len(bpy.data.objects), len(bpy.data.meshes))
+        res, err = call(bpy.ops.ex4d.reconstruct, depth_file=path)
+        out[name] = {"result": res, "error": err, "state": p.job_state, "message": p.job_message,
+                     "unchanged": counts == (len(bpy.data.objects), len(bpy.data.meshes))}
+        p.job_state, p.job_message = "done", "imported 5 frames"
+    # any other exception (a bug) is a one-line report naming the step, never a traceback
+    real = workflow.submit_generate
+
+    def broken(scene):
+        raise ValueError("cannot reshape array of size 4 into shape (3,3)\nsecond line")
+
+    workflow.submit_generate = broken  # fault injection: the operator looks the step up at call time
+    try:
+        res, err = call(bpy.ops.ex4d.generate)
+    finally:
+        workflow.submit_generate = real
+    out["bug"] = {"result": res, "error": err, "state": p.job_state, "message": p.job_message}
+    return out
+
+
+@step("footage_missing_and_reconstruct_again")
+def _():
+    """Footage moved after Import: Render Guides refuses (no magenta guides). Reconstructing again
+    replaces the mesh datablock too (no orphans) and keeps its name."""
+    import shutil
+
+    sc = bpy.context.scene
+    p = sc.ex4d
+    clip = os.path.join(OUT, "footage.mp4")
+    shutil.copy(VIDEO, clip)
+    bpy.ops.ex4d.import_video(filepath=clip, first_frame=0, num_frames=9, width=64, height=48, fov_deg=60.0)
+    harness.pump(sc, lambda: p.job_state != "running", 60, sleep_s=0)
+    meshes, names = [], []
+    for _ in range(3):
+        bpy.ops.ex4d.reconstruct(depth_file=DEPTH)
+        harness.pump(sc, lambda: p.job_state != "running", 120)
+        meshes.append(len(bpy.data.meshes))
+        names.append([p.mesh.name, p.mesh.data.name])
+    sc.camera = p.source_camera
+    moved = clip + ".moved"
+    os.rename(clip, moved)
+    try:
+        p.image.reload()  # what Blender sees once the file is gone (e.g. the .blend reopened)
+        res, err = call(bpy.ops.ex4d.render_guides)
+        out = {"result": res, "error": err, "state": p.job_state, "message": p.job_message, "meshes": meshes,
+               "names": names, "orphans": sum(1 for m in bpy.data.meshes if m.users == 0)}
+    finally:
+        os.rename(moved, clip)
+    res = bpy.ops.ex4d.render_guides()
+    harness.pump(sc, lambda: p.job_state != "running", 120, sleep_s=0)
+    out["relinked"] = [sorted(res), p.job_state]
+    return out
+
+
+@step("reattach_unknown_job")
+def _():
+    """Connect after a backend restart: the job it had is gone; the message says so."""
+    import uuid
+
+    sc = bpy.context.scene
+    p = sc.ex4d
+    p.job_id, p.job_kind, p.job_state, p.job_stage = uuid.uuid4().hex, "reconstruct", "failed", jobs.BACKEND_LOST
+    bpy.ops.ex4d.connect(wait=True)
+    harness.pump(sc, lambda: p.job_state != "running", 15)
+    return {"state": p.job_state, "message": p.job_message}
+
+
 @step("backend_frozen")
 def _():
     """A backend that takes the connection but does not answer (stopped): Generate returns at once and
@@ -616,7 +714,10 @@ def _():
 def _():
     sc = bpy.context.scene
     p = sc.ex4d
-    os.kill(int(BACKEND_PID), signal.SIGTERM)
+    color, mask = harness.sub("blender.guides").load_guides(p.guides_dir, p.num_frames)
+    jobs.submit(sc, "generate", {"steps": 400, "seed": 3}, {"color": color, "mask": mask})
+    harness.pump(sc, lambda: p.job_step > 0, 60)
+    os.kill(int(BACKEND_PID), signal.SIGKILL)  # a crash: no goodbye
     t = time.perf_counter()
     jobs.take_messages()
     noticed = None
@@ -627,12 +728,16 @@ def _():
             break
         time.sleep(0.2)
     msgs = jobs.take_messages()
+    job_after = {"state": p.job_state, "stage": p.job_stage, "message": p.job_message}
+    res, err = call(bpy.ops.ex4d.render_guides)  # the panel is free again: local steps work
+    harness.pump(sc, lambda: p.job_state != "running", 60, sleep_s=0)
+    job_after["guides"] = [res, err, p.job_state]
     t = time.perf_counter()
     res, err = call(bpy.ops.ex4d.generate)
     p.job_state, p.job_kind, p.job_id = "running", "generate", "0" * 32  # a job the dead backend had
     call(bpy.ops.ex4d.cancel)
     abandoned = p.job_state
-    return {"abandoned_state": abandoned, "noticed_after_s": noticed, "state": p.backend_state, "messages": msgs, "generate_result": res, "generate_error": err,
+    return {"job_after": job_after, "abandoned_state": abandoned, "noticed_after_s": noticed, "state": p.backend_state, "messages": msgs, "generate_result": res, "generate_error": err,
             "generate_took_s": time.perf_counter() - t, "job_state": p.job_state}
 
 
@@ -647,6 +752,14 @@ def _():
     bpy.ops.wm.open_mainfile(filepath=path)
     p = bpy.context.scene.ex4d
     return {"state": p.job_state, "message": p.job_message, "local_jobs": len(jobs.RT.local)}
+
+
+@step("relative_output_saved")
+def _():
+    """The same in a saved .blend: next to it."""
+    p = bpy.context.scene.ex4d
+    p.output_dir = "rel_out/"
+    return {"dir": workflow.output_dir(p), "blend": bpy.data.filepath}
 
 
 @step("disable_enable")
