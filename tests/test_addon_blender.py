@@ -343,6 +343,14 @@ def test_reconstruct_again_leaves_no_orphan_mesh(run):
     assert s["orphans"] == 0
 
 
+def test_another_clip_keeps_the_previous_shot(run):
+    s = ok(run, "another_clip_keeps_the_previous_shot")
+    assert s["state"] == "done" and s["mesh_cleared"] and s["previous_kept"], s
+    assert s["new_shot"] == s["before"]["shot"] + "_2", s  # same file name, another folder
+    assert s["new"] == [f"DW-mesh {s['new_shot']}", f"EX4D Rig {s['new_shot']}", f"EX4D Source {s['new_shot']}"], s
+    assert "stay in the scene" in s["import_message"] and s["before"]["mesh"] in s["import_message"], s
+
+
 def test_relative_output_folder(run):
     s = ok(run, "relative_output_unsaved")
     assert s["blend"] == "" and "'rel_out/' is relative" in (s["error"] or ""), s

@@ -63,8 +63,10 @@ def apply_import(scene, reader) -> str:
     props = scene.ex4d
     s, info = reader.settings, reader.info
     intr, count, width, height = s["intrinsics"], reader.num_frames, reader.width, reader.height
+    same_video, kept = _keep_previous_shot(props, s["filepath"])
+    if not (same_video and props.shot_name):
+        props.shot_name = _unused_shot_name(shotlib.shot_name(s["filepath"]))
     props.video_path = s["filepath"]
-    props.shot_name = shotlib.shot_name(s["filepath"])
     props.image = video.load_footage_image(s["filepath"])
     props.src_width, props.src_height = info["width"], info["height"]
     props.first_frame, props.num_frames, props.video_frames = reader.first, count, info["frames"]
@@ -79,7 +81,38 @@ def apply_import(scene, reader) -> str:
     _FRAMES_CACHE.clear()
     _FRAMES_CACHE[_cache_key(props)] = reader.frames
     took = time.perf_counter() - s["started"]
-    return f"imported {count} frames at {width}x{height} in {took:.1f} s (intrinsics: {s['source']})"
+    message = f"imported {count} frames at {width}x{height} in {took:.1f} s (intrinsics: {s['source']})"
+    if kept:
+        message += f"; the previous shot's objects stay in the scene ({kept})"
+    return message
+
+
+def _keep_previous_shot(props, filepath: str) -> tuple[bool, str]:
+    """Importing another video starts a new shot: the previous shot's DW-mesh (with the artist's paint
+    and edits), rig and source camera stay in the scene as they are, no longer the active shot; the
+    new shot makes its own. Re-importing the same video keeps the shot (Reconstruct then replaces its
+    mesh). Returns (same video, the names of the objects kept)."""
+    same = bool(props.video_path) and os.path.normcase(bpy.path.abspath(props.video_path)) == \
+        os.path.normcase(bpy.path.abspath(filepath))
+    if same or not props.video_path:
+        return same, ""
+    kept = [obj.name for obj in (props.mesh, props.source_camera, props.rig) if obj is not None]
+    props.mesh = props.source_camera = props.rig = None
+    return False, ", ".join(f"'{name}'" for name in kept)
+
+
+def _unused_shot_name(name: str) -> str:
+    """``name``, or ``name_2``, ``name_3``... when objects of another shot already carry it (two clips
+    called shot.mp4 from different folders must not share a rig)."""
+    taken = {o.name for o in bpy.data.objects}
+
+    def used(candidate: str) -> bool:
+        return any(f"{prefix} {candidate}" in taken for prefix in ("EX4D Rig", "DW-mesh", "EX4D Source"))
+
+    candidate, k = name, 2
+    while used(candidate):
+        candidate, k = f"{name}_{k}", k + 1
+    return candidate
 
 
 def import_video(scene, filepath: str, **kwargs) -> str:

@@ -677,6 +677,30 @@ def _():
     return out
 
 
+@step("another_clip_keeps_the_previous_shot")
+def _():
+    """Importing another clip starts a new shot: the previous shot's DW-mesh (paint and edits), rig and
+    source camera stay; a clip with the same file name from another folder gets its own name and rig."""
+    import shutil
+
+    sc = bpy.context.scene
+    p = sc.ex4d
+    before = {"mesh": p.mesh.name, "rig": p.rig.name, "camera": p.source_camera.name, "shot": p.shot_name}
+    folder = os.path.join(OUT, "again")
+    os.makedirs(folder, exist_ok=True)
+    clip = os.path.join(folder, "footage.mp4")  # the same file name as the previous shot's clip
+    shutil.copy(VIDEO, clip)
+    bpy.ops.ex4d.import_video(filepath=clip, first_frame=0, num_frames=9, width=64, height=48, fov_deg=60.0)
+    harness.pump(sc, lambda: p.job_state != "running", 60, sleep_s=0)
+    imported = {"message": p.job_message, "shot": p.shot_name, "mesh": p.mesh}
+    bpy.ops.ex4d.reconstruct(depth_file=DEPTH)
+    harness.pump(sc, lambda: p.job_state != "running", 120)
+    objects = set(bpy.data.objects.keys())
+    return {"before": before, "import_message": imported["message"], "new_shot": imported["shot"],
+            "mesh_cleared": imported["mesh"] is None, "previous_kept": all(v in objects for k, v in before.items() if k != "shot"),
+            "new": [p.mesh.name, p.rig.name, p.source_camera.name], "state": p.job_state}
+
+
 @step("reattach_unknown_job")
 def _():
     """Connect after a backend restart: the job it had is gone; the message says so."""
