@@ -465,11 +465,13 @@ def send_to_timeline(scene, with_guides: bool = False, with_source: bool = False
     if not props.result_dir:
         raise errors.InputError("generate the shot first (EX-4D tab > Generate)")
     n, fs = props.num_frames, props.frame_start
-    made = [timeline.add_image_sequence(scene, f"{props.shot_name} {props.guides_camera}", props.result_dir, "shot_", n, fs)]
+    move = f"{props.shot_name} {props.guides_camera}"
+    made = [timeline.add_image_sequence(scene, shotlib.fitted_name(move), props.result_dir, "shot_", n, fs)]
     if with_guides and props.guides_dir:
-        made.append(timeline.add_image_sequence(scene, f"{props.shot_name} {props.guides_camera} guide", props.guides_dir, "color_", n, fs))
+        made.append(timeline.add_image_sequence(scene, shotlib.fitted_name(move, " guide"), props.guides_dir, "color_", n, fs))
     if with_source:
-        made.append(timeline.add_movie(scene, f"{props.shot_name} source", props.video_path, props.first_frame, n, fs))
+        made.append(timeline.add_movie(scene, shotlib.fitted_name(props.shot_name, " source"), props.video_path,
+                                       props.first_frame, n, fs))
     return made
 
 

@@ -84,6 +84,19 @@ def working_intrinsics(width: int, height: int, focal_px: float = 0.0, fov_deg: 
     )
 
 
+BLENDER_NAME_BYTES = 63  # Blender cuts longer ID and strip names (UTF-8 bytes), then adds .001 on a clash
+
+
+def fitted_name(base: str, suffix: str = "", limit: int = BLENDER_NAME_BYTES) -> str:
+    """``base + suffix`` within Blender's name limit, shortening ``base`` (never mid-character) so the
+    suffix that tells names apart (' guide', ' source') survives a long shot or camera name."""
+    room = limit - len(suffix.encode("utf-8"))
+    raw = base.encode("utf-8")
+    if len(raw) > room:
+        base = raw[: max(0, room - 1)].decode("utf-8", errors="ignore").rstrip() + "~"
+    return base + suffix
+
+
 def shot_name(video_path: str) -> str:
     """The shot's name from its video file, by the library's rule for shot names (any script's letters)."""
     import os
