@@ -58,6 +58,7 @@ SCENE_SCALE_QUANTILE = 10.0  # a low percentile: sky and background (often 1e4 o
 # models' far value (1e4) for sky. It is never content: masked, as the release's far clip masks it, and
 # never a pivot. Real content up to it (a valley 2 km away in metres) keeps the far clip behind it.
 SKY_DEPTH = 5e3
+SKY_ABSOLUTE = 1e9  # ...and whatever the scale, 1e9 units and beyond (Cycles writes 1e10) is sky
 
 
 def scene_scale(depth) -> float:
@@ -67,7 +68,7 @@ def scene_scale(depth) -> float:
     subsample for long clips: the rule reads one percentile.
     """
     d = np.asarray(depth, dtype=np.float64).ravel()
-    d = d[np.isfinite(d) & (d > 0)]
+    d = d[np.isfinite(d) & (d > 0) & (d < SKY_ABSOLUTE)]
     if d.size == 0:
         return 1.0
     return max(1.0, float(np.percentile(d, SCENE_SCALE_QUANTILE)) / SCENE_SCALE_REF)
@@ -78,14 +79,19 @@ def clip_planes(scale: float = 1.0, content_max: float = 0.0) -> tuple[float, fl
     short of the sky) is ``content_max``: the release's planes for a metre-scale room; farther content
     pushes the far plane back (room for the DW-mesh's skirt at 4x the content, with a margin), never
     past the sky."""
-    far = min(SKY_DEPTH * scale, max(CLIP_FAR * scale, 8.0 * float(content_max)))
+    far = min(sky_depth(scale), max(CLIP_FAR * scale, 8.0 * float(content_max)))
     return CLIP_NEAR * scale, far
+
+
+def sky_depth(scale: float) -> float:
+    """Depth from which on everything is sky, for a scene of ``scene_scale`` ``scale``."""
+    return min(SKY_DEPTH * scale, SKY_ABSOLUTE)
 
 
 def content_depth(depth, scale: float) -> np.ndarray:
     """The valid depth values short of the sky (see SKY_DEPTH), flattened."""
     d = np.asarray(depth, dtype=np.float64).ravel()
-    return d[np.isfinite(d) & (d > 0) & (d < SKY_DEPTH * scale)]
+    return d[np.isfinite(d) & (d > 0) & (d < sky_depth(scale))]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .camera import SKY_DEPTH, clip_planes, content_depth, scene_scale
+from .camera import clip_planes, content_depth, scene_scale, sky_depth
 from .errors import DepthError, InputError
 
 METHODS = ("ours", "ex4d", "torn")
@@ -390,7 +390,10 @@ def build_dwmesh(depth, K, config: DWMeshConfig | None = None, device=None) -> D
     scale = depth_scene_scale(depth)
     border = config.border_depth * scale
     # Farthest content per frame, the sky left out (camera.SKY_DEPTH): it sets the skirt and the far clip.
-    content = good & (depth < SKY_DEPTH * scale)
+    content = good & (depth < sky_depth(scale))
+    if not bool(content.any()):
+        raise DepthError(f"the depth is sky everywhere (every value is {sky_depth(scale):g} units or more): "
+                         "there is no surface to build a mesh from - is it the right file, or a background-only pass?")
     content_max = torch.where(content, depth, torch.zeros_like(depth)).reshape(T, -1).amax(dim=1)
     _, clip_far = clip_planes(scale, float(content_max.max()))
     d = torch.where(good, depth, torch.full_like(depth, border))

@@ -208,6 +208,6 @@ def test_depth_rules_are_shared_by_the_cli_and_the_add_on():
 def test_strip_names_keep_their_suffix_within_blenders_limit():
     long = "my_shot_ünï_東京__take_2_" * 3 + " EX4D orbit_right"
     names = [shot.fitted_name(long), shot.fitted_name(long, " guide"), shot.fitted_name(long, " source")]
-    assert all(len(n.encode("utf-8")) <= shot.BLENDER_NAME_BYTES for n in names)
+    assert all(len(n.encode("utf-8")) <= shot.STRIP_NAME_BYTES for n in names)
     assert names[1].endswith(" guide") and names[2].endswith(" source") and len(set(names)) == 3
     assert shot.fitted_name("short", " guide") == "short guide"

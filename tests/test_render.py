@@ -260,3 +260,14 @@ def test_deep_scene_guides_do_not_depend_on_the_unit():
     masks = [_guides_for(deep / s, frames, scene.K, cam="orbit_right", angle_deg=20)[1].mask for s in (1.0, 10.0)]
     assert masks[0][1:, :16].mean() > 0.5
     assert (masks[0] != masks[1]).mean() < 1e-3
+
+
+def test_depth_that_is_sky_everywhere_is_refused():
+    from ex4d.camera import scene_scale
+    from ex4d.dwmesh import build_dwmesh
+    from ex4d.errors import DepthError
+
+    sky = np.full((2, 12, 16), 1e10, np.float32)
+    assert scene_scale(sky) == 1.0
+    with pytest.raises(DepthError, match="sky everywhere"):
+        build_dwmesh(sky, np.array([[20.0, 0, 8], [0, 20.0, 6], [0, 0, 1]]))

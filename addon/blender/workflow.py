@@ -28,7 +28,11 @@ def output_dir(props) -> str:
     if d.startswith("//") or not os.path.isabs(d):  # unsaved .blend: "//" has no folder yet
         import tempfile
 
-        d = os.path.join(tempfile.gettempdir(), "ex4d", os.path.basename(os.path.normpath(d)) or "ex4d")
+        # The whole '//a/x/' under the temp folder ('//a/x/' and '//b/x/' must not share one); the
+        # steps' messages name the folder they wrote.
+        rel = os.path.normpath(d[2:] if d.startswith("//") else d).lstrip(os.sep)
+        d = os.path.join(tempfile.gettempdir(), "ex4d", "unsaved", rel if rel not in ("", ".") else "ex4d")
+    d = os.path.normpath(d)
     os.makedirs(d, exist_ok=True)
     return d
 

@@ -84,10 +84,11 @@ def working_intrinsics(width: int, height: int, focal_px: float = 0.0, fov_deg: 
     )
 
 
-BLENDER_NAME_BYTES = 63  # Blender cuts longer ID and strip names (UTF-8 bytes), then adds .001 on a clash
+BLENDER_NAME_BYTES = 63  # Blender cuts longer ID names (UTF-8 bytes), then adds .001 on a clash
+STRIP_NAME_BYTES = 61  # sequencer strips keep fewer (seen on Blender 5.0.1)
 
 
-def fitted_name(base: str, suffix: str = "", limit: int = BLENDER_NAME_BYTES) -> str:
+def fitted_name(base: str, suffix: str = "", limit: int = STRIP_NAME_BYTES) -> str:
     """``base + suffix`` within Blender's name limit, shortening ``base`` (never mid-character) so the
     suffix that tells names apart (' guide', ' source') survives a long shot or camera name."""
     room = limit - len(suffix.encode("utf-8"))
