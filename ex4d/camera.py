@@ -391,7 +391,32 @@ def transforms_to_path(data: dict, name: str = "trajectory", source: str = "tran
             "probably in the OpenCV/COLMAP convention - set \"ex4d\": {\"convention\": \"opencv\"} in it"
         )
     c2w = _camera_relative(c2w, meta, data, source)
-    return CameraPath(c2w, np.stack(Ks), w, h, name=str(meta.get("name", name)), meta={})
+    # What the move was sized for (our files say it), so a clip in other units can be noticed.
+    kept = {k: meta[k] for k in _SIZING_KEYS if isinstance(meta.get(k), (int, float, str)) and k in meta}
+    return CameraPath(c2w, np.stack(Ks), w, h, name=str(meta.get("name", name)), meta=kept)
+
+
+_SIZING_KEYS = ("preset", "pivot", "pivot_rule", "angle_deg", "distance")
+
+
+def check_units(path: CameraPath, depth0, source: str = "camera file") -> None:
+    """Warn when a camera file was sized for a scene of another scale than this clip's depth (a move
+    made in metres used on millimetre depth turns an orbit into a pan in place)."""
+    made_for = path.meta.get("pivot")
+    if not isinstance(made_for, (int, float)) or not made_for > 0 or depth0 is None:
+        return
+    d = content_depth(depth0, scene_scale(depth0))
+    if d.size == 0:
+        return
+    here = float(np.median(d))
+    ratio = here / float(made_for)
+    if not 0.1 <= ratio <= 10.0:
+        warnings.warn(
+            f"{source}: the move was made for a subject {made_for:g} units away, but this clip's depth puts it "
+            f"{here:g} units away ({ratio:.3g}x): are the camera file and the depth in the same units? "
+            "(--depth-scale converts the depth)",
+            stacklevel=2,
+        )
 
 
 WORLDS = ("camera-relative", "absolute")

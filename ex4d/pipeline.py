@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .camera import CameraPath, Intrinsics, preset_path, read_transforms, resolve_intrinsics
+from .camera import CameraPath, Intrinsics, check_units, preset_path, read_transforms, resolve_intrinsics
 from .errors import DepthError, InputError, VideoError
 from .recon import Progress, _check_cancel, check_name, check_path_for_video, reconstruct, render_path
 
@@ -233,6 +233,7 @@ def make_camera_path(
             angle_deg=angle, distance=distance, easing=easing,
         )
     path = trajectory if isinstance(trajectory, CameraPath) else read_transforms(trajectory)
+    check_units(path, depth0, source=str(trajectory) if not isinstance(trajectory, CameraPath) else path.name)
     if len(path) > num_frames:
         warnings.warn(f"camera path '{path.name}' has {len(path)} frames; using the first {num_frames} (one per video frame)")
     return check_path_for_video(path, num_frames, W, H)

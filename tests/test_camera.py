@@ -352,3 +352,21 @@ def test_atomic_write_text_leaves_nothing_behind_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
     C.atomic_write_text(tmp_path / "ok.json", "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json", "taken"]
+
+
+def test_a_move_made_for_other_units_is_noticed(tmp_path):
+    """A camera file written for a scene in metres, used on millimetre depth: a warning, not a silent
+    pan in place; the same units pass quietly."""
+    import warnings as _w
+
+    intr = C.Intrinsics.from_focal(50, 64, 48)
+    metres = np.full((48, 64), 3.0)
+    path = C.preset_path("orbit_right", 5, intr, depth0=metres, angle_deg=30)
+    C.write_transforms(path, tmp_path / "cameras_orbit_right.json")
+    back = C.read_transforms(tmp_path / "cameras_orbit_right.json")
+    assert back.meta["pivot"] == pytest.approx(3.0) and "world" not in back.meta
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        C.check_units(back, metres * 1.5)
+    with pytest.warns(UserWarning, match="same units"):
+        C.check_units(back, metres * 1000)
