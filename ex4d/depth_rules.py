@@ -87,3 +87,19 @@ def check_K(K, num_frames: int | None = None, source: str = "depth") -> np.ndarr
     if not ((Ks[:, 0, 0] > 0) & (Ks[:, 1, 1] > 0)).all():
         raise DepthError(f"{source}: K's focal lengths (K[0,0], K[1,1]) must be positive pixels")
     return K
+
+
+def check_values(depth: np.ndarray, source: str = "depth") -> None:
+    """Every value finite and > 0 (z-depth, not disparity; holes filled): one line naming the first
+    frame that breaks the rule."""
+    finite = np.isfinite(depth)
+    if not finite.all():
+        t = int(np.argmax(~finite.all(axis=(1, 2))))
+        raise DepthError(f"{source}: {int((~finite).sum())} depth values are NaN or infinite (first in frame {t})")
+    bad = depth <= 0
+    if bad.any():
+        t = int(np.argmax(bad.any(axis=(1, 2))))
+        raise DepthError(
+            f"{source}: {int(bad.sum())} depth values are zero or negative (first in frame {t}); depth must be "
+            "positive z-depth - fill holes (or pass disparity through 1/x) before use"
+        )

@@ -313,7 +313,7 @@ def test_depth_that_does_not_fit_is_refused_like_the_cli(run):
     expect = {"square": "depth is 48x48 (aspect 1.000) but the video is 64x48",
               "transposed": "it looks turned by 90 degrees", "frames_12": "depth has 12 frames but the shot has 5",
               "frames_2": "depth has 2 frames but the shot has 5", "K_2x2": "K must be 3x3",
-              "K_zero_focal": "focal lengths"}
+              "K_zero_focal": "focal lengths", "nan": "NaN or infinite", "zeros": "zero or negative"}
     for name, words in expect.items():
         r = s[name]
         assert r["result"] == ["CANCELLED"] and words in (r["error"] or ""), (name, r)

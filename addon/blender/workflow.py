@@ -212,6 +212,7 @@ def read_depth_file(path: str, props) -> dict:
     depth_rules.check_aspect(dw, dh, (props.src_height or props.height, props.src_width or props.width), p)
     if K is not None:
         K = depth_rules.check_K(K, T, p)
+    depth_rules.check_values(depth, p)  # refused here, not after the backend got the job
     crop = shotlib.FillCrop(dw, dh, props.width, props.height)  # the same fill + centre crop as the frames
     out = {"depth": np.ascontiguousarray(crop.sample_nearest(depth))}
     if K is not None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..depth_rules import check_aspect, check_frame_count, same_aspect, turn_words
+from ..depth_rules import check_aspect, check_frame_count, check_values, same_aspect, turn_words
 from ..errors import DepthError, InputError
 
 PNG_DEFAULT_SCALE = 1.0 / 1000.0
@@ -274,17 +274,7 @@ def check_depth(
             "in the displayed (upright) orientation - depth made from the stored pictures would be misaligned"
         )
     depth = depth[:num_frames].astype(np.float32, copy=False)
-    finite = np.isfinite(depth)
-    if not finite.all():
-        t = int(np.argmax(~finite.all(axis=(1, 2))))
-        raise DepthError(f"{source}: {int((~finite).sum())} depth values are NaN or infinite (first in frame {t})")
-    bad = depth <= 0
-    if bad.any():
-        t = int(np.argmax(bad.any(axis=(1, 2))))
-        raise DepthError(
-            f"{source}: {int(bad.sum())} depth values are zero or negative (first in frame {t}); depth must be "
-            "positive z-depth - fill holes (or pass disparity through 1/x) before use"
-        )
+    check_values(depth, source)
     return depth
 
 

@@ -617,7 +617,9 @@ def _():
     d = np.load(DEPTH)["depth"]  # the whole video's: 9 frames of 64x48 (the shot is video frames 3..7)
     cases = {"square": {"depth": d[:, :, :48]}, "transposed": {"depth": np.ascontiguousarray(d.transpose(0, 2, 1))},
              "frames_12": {"depth": np.concatenate([d, d[:3]])}, "frames_2": {"depth": d[:2]},
-             "K_2x2": {"depth": d, "K": np.eye(2)}, "K_zero_focal": {"depth": d, "K": np.zeros((3, 3))}}
+             "K_2x2": {"depth": d, "K": np.eye(2)}, "K_zero_focal": {"depth": d, "K": np.zeros((3, 3))},
+             "nan": {"depth": np.where(np.arange(d.shape[-1]) == 5, np.nan, d).astype(np.float32)},
+             "zeros": {"depth": np.zeros_like(d)}}
     out = {}
     p.job_state, p.job_message = "done", "imported 5 frames"  # what the panel said before
     for name, arrays in cases.items():
