@@ -59,6 +59,18 @@ if triton is not None:
         return tl.clamp(x / scale, -448.0, 448.0).to(tl.float8e4nv)
 
     @triton.jit
+    def _pair_amax(amax_d, amax_n, posi, nega, mask):
+        """Running |posi - nega| and |nega| maxima of a pair (the first of the two walks over a row)."""
+        return (tl.maximum(amax_d, tl.where(mask, tl.abs(posi - nega), 0.0)),
+                tl.maximum(amax_n, tl.where(mask, tl.abs(nega), 0.0)))
+
+    @triton.jit
+    def _store_pair(q_ptr, t, S, N, offs, mask, posi, nega, sd, sn):
+        """The pair coding of token t: delta (posi - nega) in row t, nega in row S + t, as e4m3."""
+        tl.store(q_ptr + t * N + offs, _e4m3(posi - nega, sd), mask=mask)
+        tl.store(q_ptr + (S + t) * N + offs, _e4m3(nega, sn), mask=mask)
+
+    @triton.jit
     def _ln_pair(x0_ptr, x1_ptr, w_ptr, b_ptr, t, offs, mask, D, mean0, r0, mean1, r1, NORM: tl.constexpr):
         """Both branches' values at ``offs``: LayerNorm * w + b when NORM, else the inputs as they are."""
         x0 = tl.load(x0_ptr + t * D + offs, mask=mask, other=0.0).to(tl.float32)
@@ -109,15 +121,13 @@ if triton is not None:
             offs = k + base
             mask = offs < D
             h0, h1 = _ln_pair(x0_ptr, x1_ptr, w_ptr, b_ptr, t, offs, mask, D, mean0, r0, mean1, r1, NORM)
-            amax_d = tl.maximum(amax_d, tl.where(mask, tl.abs(h0 - h1), 0.0))
-            amax_n = tl.maximum(amax_n, tl.where(mask, tl.abs(h1), 0.0))
+            amax_d, amax_n = _pair_amax(amax_d, amax_n, h0, h1, mask)
         sd, sn = _scale(amax_d), _scale(amax_n)
         for k in range(0, D, CHUNK):
             offs = k + base
             mask = offs < D
             h0, h1 = _ln_pair(x0_ptr, x1_ptr, w_ptr, b_ptr, t, offs, mask, D, mean0, r0, mean1, r1, NORM)
-            tl.store(q_ptr + t * D + offs, _e4m3(h0 - h1, sd), mask=mask)
-            tl.store(q_ptr + (S + t) * D + offs, _e4m3(h1, sn), mask=mask)
+            _store_pair(q_ptr, t, S, D, offs, mask, h0, h1, sd, sn)
         tl.store(s_ptr + t, sd)
         tl.store(s_ptr + S + t, sn)
 
@@ -149,15 +159,13 @@ if triton is not None:
             offs = k + base
             mask = offs < F
             g_posi, g_nega = _gelu_pair(y_ptr, bias_ptr, t, S, F, offs, mask, HAS_BIAS)
-            amax_d = tl.maximum(amax_d, tl.where(mask, tl.abs(g_posi - g_nega), 0.0))
-            amax_n = tl.maximum(amax_n, tl.where(mask, tl.abs(g_nega), 0.0))
+            amax_d, amax_n = _pair_amax(amax_d, amax_n, g_posi, g_nega, mask)
         sd, sn = _scale(amax_d), _scale(amax_n)
         for k in range(0, F, CHUNK):
             offs = k + base
             mask = offs < F
             g_posi, g_nega = _gelu_pair(y_ptr, bias_ptr, t, S, F, offs, mask, HAS_BIAS)
-            tl.store(q_ptr + t * F + offs, _e4m3(g_posi - g_nega, sd), mask=mask)
-            tl.store(q_ptr + (S + t) * F + offs, _e4m3(g_nega, sn), mask=mask)
+            _store_pair(q_ptr, t, S, F, offs, mask, g_posi, g_nega, sd, sn)
         tl.store(s_ptr + t, sd)
         tl.store(s_ptr + S + t, sn)
 
