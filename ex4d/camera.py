@@ -621,7 +621,7 @@ def preset_path(
     """
     if num_frames < 1:
         raise InputError("a camera path needs at least one frame")
-    is_ex4d = preset == "180" or _is_number(preset)
+    is_ex4d = preset == "180" or is_number(preset)
     if pivot is None:
         if depth0 is None:
             raise InputError(f"preset '{preset}' needs frame 0's depth (or an explicit pivot) to size the move")
@@ -655,7 +655,8 @@ def preset_path(
     return CameraPath(c2w, intrinsics.K, intrinsics.width, intrinsics.height, name=preset, meta=meta)
 
 
-def _is_number(s: str) -> bool:
+def is_number(s: str) -> bool:
+    """True for a preset given as a number (EX-4D's arcs: '30', '-60', '180')."""
     try:
         float(s)
         return True

@@ -126,7 +126,7 @@ ORBIT_PRESETS = ("orbit_left", "orbit_right", "orbit_up", "orbit_down")
 def check_camera_options(args) -> None:
     """Refuse contradictory camera options and say which given ones a move ignores (camera.py applies
     --angle only to orbit_* and --distance only to zoom/dolly/crane, and would ignore them silently)."""
-    from ..camera import PRESETS
+    from ..camera import PRESETS, is_number
     from ..errors import InputError
 
     cam = args.cam
@@ -138,7 +138,7 @@ def check_camera_options(args) -> None:
                 warnings.warn(f"{option} is ignored with --trajectory (the camera file is the whole move)")
         return
     cam = cam or "orbit_right"
-    if _is_number(cam):  # EX-4D's arcs: the angle is the preset itself
+    if is_number(cam):  # EX-4D's arcs: the angle is the preset itself
         if args.angle is not None and (cam == "180" or float(cam) != args.angle):
             raise InputError(
                 f"--cam {cam} is EX-4D's fixed arc and takes no --angle (got --angle {args.angle:g}); "
@@ -161,7 +161,7 @@ def _instead_of_arc_with_angle(cam: str, angle: float) -> str:
     """What to type instead of ``--cam ARC --angle A``: a move of A degrees in the arc's own direction
     (-60 moves left: never suggest 60), as one of EX-4D's released arcs where there is one, else as an
     orbit; nothing above 90 degrees, which neither allows."""
-    from ..camera import PRESETS
+    from ..camera import PRESETS, is_number
 
     left = float(cam) < 0  # 180 is a sweep that starts to the right
     orbit = "orbit_left" if left else "orbit_right"
@@ -172,15 +172,7 @@ def _instead_of_arc_with_angle(cam: str, angle: float) -> str:
         return f"{limit}use --cam {cam} alone, or --cam {orbit} --angle {size:g}"
     if arc in PRESETS:
         return f"{limit}use --cam {arc} for that arc, or --cam {orbit} --angle {size:g}"
-    return f"{limit}use --cam {orbit} --angle {size:g} (EX-4D's arcs are {', '.join(p for p in PRESETS if _is_number(p))})"
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+    return f"{limit}use --cam {orbit} --angle {size:g} (EX-4D's arcs are {', '.join(p for p in PRESETS if is_number(p))})"
 
 
 def _recon_or_run(args, generate: bool) -> int:
